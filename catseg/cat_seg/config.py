@@ -59,6 +59,7 @@ __all__ = [
     "get_cfg",
     "load_config",
     "lora_target_modules",
+    "reference_lora_target_modules",
     "resolve_catseg_path",
     "validate_config",
 ]
@@ -84,7 +85,7 @@ class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value, bad file)."""
 
 
-def _reference_lora_target_modules(
+def reference_lora_target_modules(
     num_visual_layers: int = 24, num_text_layers: int = 12, num_aggregator_layers: int = 2
 ) -> tuple[str, ...]:
     """The reference's ``MODEL.LORA.MODUELS``: every LoRA target of CAT-Seg (L), by full module path.
@@ -121,7 +122,7 @@ def _reference_lora_target_modules(
 
 
 #: The 214 LoRA target modules of the reference (REFERENCE.md §4.8), the default of ``MODEL.LORA.MODUELS``.
-REFERENCE_LORA_TARGET_MODULES: tuple[str, ...] = _reference_lora_target_modules()
+REFERENCE_LORA_TARGET_MODULES: tuple[str, ...] = reference_lora_target_modules()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -635,16 +636,18 @@ def load_config(config_file: str | os.PathLike[str] | None, opts: Sequence[Any] 
 def lora_target_modules(cfg: CfgNode) -> list[str]:
     """The LoRA target module names of a config (``MODEL.LORA.MODUELS``), checked.
 
+    An empty list means "the reference's selection for whatever model is built" (CLIP q/k/v/c_fc/c_proj
+    of both towers and the aggregator's Linear layers); :func:`cat_seg.lora.resolve_target_modules`
+    expands it for a given model (the tiny configs use this).
+
     Args:
         cfg: a resolved config.
     Returns:
-        A new list of the names, in config order.
+        A new list of the names, in config order (empty: derive from the model).
     Raises:
-        ConfigError: the list is empty, holds a non-string or empty name, or repeats a name.
+        ConfigError: the list holds a non-string or empty name, or repeats a name.
     """
     names = list(cfg.MODEL.LORA.MODUELS)
-    if not names:
-        raise ConfigError("MODEL.LORA.MODUELS is empty: LoRA needs at least one target module")
     bad = [name for name in names if not isinstance(name, str) or not name]
     if bad:
         raise ConfigError(f"MODEL.LORA.MODUELS holds invalid module names: {bad!r}")
