@@ -1,0 +1,298 @@
+"""SemLA's retrieval weights and the fused multi-adapter LoRA forward.
+
+Scoring and weighting are pure functions of tensors (higher score = closer domain). The fused forward,
+:func:`fused_adapters`, makes every targeted ``nn.Linear`` of a model compute, for each image ``b`` of
+the batch::
+
+    y = W x + bias + sum_i weights[b, i] * s_i * B_i (A_i x)          (s_i = alpha_i / r_i)
+
+which is what PEFT's ``add_weighted_adapter(names, weights, combination_type="cat")`` followed by
+``set_adapter`` computes for one image (SemLA §5.5), but for a whole batch with a different weight
+vector per image, without creating, merging or deleting any module, and touching only the adapters
+with non-zero weight. Parameters are never modified, so the model is exactly as before on exit.
+
+Which rows belong to which image: every targeted layer of CAT-Seg sees its input with the images
+outermost (views, classes, windows or pixels of image 0 first, then image 1, ...), so a layer input of
+leading size ``n`` splits into ``B`` equal, contiguous blocks. Text features computed per image follow
+the same rule when the prompts are repeated per image (:func:`fused_text_features`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import types
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .library import AdapterLibrary
+
+logger = logging.getLogger(__name__)
+
+Measure = Literal["euclidean", "cosine"]
+FusionMode = Literal["auto", "merged", "unmerged"]
+
+# --------------------------------------------------------------------------------------------------
+# Scores and weights (pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def inverse_euclidean_scores(embedding: Tensor, prototypes: Tensor) -> Tensor:
+    """SemLA's default score: 1 / ||x - p||_2 (higher = closer).
+
+    Args:
+        embedding: (B, D) image embeddings (unnormalised CLIP features).
+        prototypes: (N, D) domain prototypes.
+    Returns:
+        (B, N) scores, in float64 (an exact zero distance gives +inf).
+    """
+    distances = torch.cdist(embedding.double(), prototypes.double())
+    return 1.0 / distances
+
+
+def cosine_scores(embedding: Tensor, prototypes: Tensor) -> Tensor:
+    """Cosine similarity (higher = closer): (B, D) x (N, D) -> (B, N) float64.
+
+    The original code's ``cosine`` option used the cosine *distance* with a descending sort, which
+    selects the least similar domains; this is the similarity.
+    """
+    return F.normalize(embedding.double(), dim=-1) @ F.normalize(prototypes.double(), dim=-1).T
+
+
+def scores(embedding: Tensor, prototypes: Tensor, measure: Measure = "euclidean") -> Tensor:
+    """Score images against library prototypes; higher = closer.
+
+    Args:
+        embedding: (B, D) or (D,) image embeddings.
+        prototypes: (N, D).
+        measure: ``euclidean`` (1 / distance, the reference's effective default) or ``cosine``.
+    Returns:
+        (B, N) float64.
+    """
+    embedding = embedding.reshape(1, -1) if embedding.dim() == 1 else embedding
+    if embedding.shape[-1] != prototypes.shape[-1]:
+        raise ValueError(
+            f"embedding dimension {embedding.shape[-1]} != prototype dimension {prototypes.shape[-1]}"
+        )
+    if measure == "euclidean":
+        return inverse_euclidean_scores(embedding, prototypes)
+    if measure == "cosine":
+        return cosine_scores(embedding, prototypes)
+    raise ValueError(f"unknown measure {measure!r}; use 'euclidean' or 'cosine'")
+
+
+def _exclusion_mask(
+    exclude: Tensor | Sequence[int] | None, shape: tuple[int, int], device: torch.device
+) -> Tensor:
+    """(B, N) bool mask of excluded adapters from indices (N-wide), a (N,) or a (B, N) bool mask."""
+    mask = torch.zeros(shape, dtype=torch.bool, device=device)
+    if exclude is None:
+        return mask
+    ex = torch.as_tensor(exclude, device=device)
+    if ex.dtype == torch.bool:
+        return mask | ex.expand(shape)
+    mask[:, ex.long()] = True
+    return mask
+
+
+def topk_indices(scores: Tensor, top_k: int, exclude: Tensor | Sequence[int] | None = None) -> Tensor:
+    """Indices of each row's ``top_k`` highest scores, best first.
+
+    Ties keep library order (a stable descending sort, as the reference's ``sorted(..., reverse=True)``).
+    Excluded adapters are never chosen; fewer than ``top_k`` candidates keeps all of them.
+
+    Args:
+        scores: (B, N).
+        top_k: >= 1.
+        exclude: adapter indices, or a (N,) / (B, N) bool mask, to leave out (leave-one-out).
+    Returns:
+        (B, k) int64 with k = min(top_k, number of candidates per row).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    mask = _exclusion_mask(exclude, tuple(scores.shape), scores.device)
+    candidates = int((~mask).sum(dim=1).min())
+    if candidates == 0:
+        raise ValueError("every adapter is excluded")
+    ranked = torch.where(mask, torch.full_like(scores, -math.inf), scores)
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    return order[:, : min(top_k, candidates)]
+
+
+def semla_weights(
+    scores: Tensor, top_k: int, temperature: float, exclude: Tensor | Sequence[int] | None = None
+) -> Tensor:
+    """SemLA's fusion weights: softmax(score / T) over each row's top-k, zero elsewhere.
+
+    Args:
+        scores: (B, N), higher = closer.
+        top_k: adapters kept per image, >= 1.
+        temperature: softmax temperature T > 0 (the reference uses 0.05).
+        exclude: adapters to leave out (see :func:`topk_indices`).
+    Returns:
+        (B, N) float64 weights; each row sums to 1.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    top = topk_indices(scores, top_k, exclude)
+    chosen = torch.gather(scores.double(), 1, top)
+    weights = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    return weights.scatter(1, top, torch.softmax(chosen / temperature, dim=1))
+
+
+def uniform_weights(
+    num_adapters: int, batch: int = 1, exclude: Tensor | Sequence[int] | None = None
+) -> Tensor:
+    """Equal weights 1/N' over the N' adapters not excluded: (batch, num_adapters) float64."""
+    mask = _exclusion_mask(exclude, (batch, num_adapters), torch.device("cpu"))
+    keep = (~mask).double()
+    counts = keep.sum(dim=1, keepdim=True)
+    if (counts == 0).any():
+        raise ValueError("every adapter is excluded")
+    return keep / counts
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused forward
+# --------------------------------------------------------------------------------------------------
+
+
+class _LayerFusion:
+    """Per-image LoRA factors of one Linear layer for the adapters active in the batch.
+
+    With ``idx`` (B, K) the active adapters of each image (padded with zero coefficients) and the
+    library's stacks, image b uses ``down = A[idx[b]]`` (K*R, in) and ``up = B[idx[b]] * coef`` (out, K*R),
+    so that its delta is ``up @ down``.
+    """
+
+    def __init__(self, stack, idx: Tensor, coef: Tensor, mode: FusionMode) -> None:  # noqa: ANN001
+        self.stack = stack
+        self.idx = idx  # (B, K) long
+        self.coef = coef  # (B, K) weights * scaling
+        self.mode = mode
+
+    def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        batch, k = self.idx.shape
+        rank = self.stack.A.shape[1]
+        down = self.stack.A[self.idx].reshape(batch, k * rank, -1).to(dtype)  # (B, K*R, in)
+        up = self.stack.B[self.idx]  # (B, K, out, R)
+        up = up * self.coef[:, :, None, None].to(up.dtype)
+        up = up.permute(0, 2, 1, 3).reshape(batch, up.shape[2], k * rank).to(dtype)  # (B, out, K*R)
+        return down, up
+
+    def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        batch = self.idx.shape[0]
+        lead = x.shape[0]
+        if lead % batch:
+            raise RuntimeError(
+                f"fused LoRA: a layer input of leading size {lead} cannot be split over {batch} images "
+                "(pass one weight row per image; compute class-text features for a batch with "
+                "fused_text_features() and give them to the model)"
+            )
+        down, up = self.factors(x.dtype)
+        xb = x.reshape(batch, -1, x.shape[-1])  # (B, m, in): rows of image b are contiguous
+        rows, fan_in, fan_out = xb.shape[1], layer.in_features, layer.out_features
+        # Merging costs out*in*rank per image, the low-rank path rows*rank*(in+out): take the cheaper.
+        merged = self.mode == "merged" or (
+            self.mode == "auto" and rows * (fan_in + fan_out) > fan_in * fan_out
+        )
+        if merged:
+            weight = torch.baddbmm(layer.weight.expand(batch, -1, -1), up, down)  # (B, out, in)
+            y = torch.bmm(xb, weight.transpose(1, 2))
+            if layer.bias is not None:
+                y = y + layer.bias
+        else:
+            low_rank = torch.bmm(torch.bmm(xb, down.transpose(1, 2)), up.transpose(1, 2))  # (B, m, out)
+            y = F.linear(xb, layer.weight, layer.bias) + low_rank
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _active(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image, the adapters with non-zero weight, padded to the same count.
+
+    Returns:
+        idx (B, K) long and w (B, K) weights (0 on padding), K = the largest count in the batch.
+    """
+    nonzero = weights != 0
+    k = max(int(nonzero.sum(dim=1).max()), 1)
+    # Sort non-zero entries first (stable, so library order within each image).
+    order = torch.sort(nonzero.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    return order, torch.gather(weights, 1, order) * torch.gather(nonzero, 1, order)
+
+
+@contextlib.contextmanager
+def fused_adapters(
+    model: nn.Module, library: AdapterLibrary, weights: Tensor, *, mode: FusionMode = "auto"
+) -> Iterator[None]:
+    """Fuse weighted library adapters into ``model``'s forward for the duration of the block.
+
+    Args:
+        model: the base model (its targeted layers must be plain ``nn.Linear``; not PEFT-wrapped).
+        library: adapters whose target names are module names of ``model``.
+        weights: (B, N) one weight vector per image of the batch (or (N,) for one image); zero = unused.
+        mode: ``merged`` (per image, W + delta then one matmul), ``unmerged`` (W x plus the low-rank
+            terms) or ``auto`` (per layer and call, whichever costs fewer multiply-adds).
+    Yields:
+        nothing; call the model inside the block with a batch of exactly B images.
+    """
+    if mode not in ("auto", "merged", "unmerged"):
+        raise ValueError(f"mode must be auto, merged or unmerged, got {mode!r}")
+    weights = torch.as_tensor(weights, dtype=torch.float64)
+    weights = weights.reshape(1, -1) if weights.dim() == 1 else weights
+    if weights.dim() != 2 or weights.shape[1] != len(library):
+        raise ValueError(f"weights must be (B, {len(library)}), got {tuple(weights.shape)}")
+    if not torch.isfinite(weights).all():
+        raise ValueError("weights contain NaN or Inf")
+    modules = dict(model.named_modules())
+    missing = [name for name in library.layers if name not in modules]
+    if missing:
+        raise ValueError(f"the model has no module(s) {missing[:3]} that the library targets")
+    device = library.device
+    idx, w = _active(weights.to(device))
+    coef = w * library.scalings.to(device)[idx]
+    patched: list[nn.Module] = []
+    try:
+        if (w != 0).any():
+            for name, stack in library.layers.items():
+                layer = modules[name]
+                if type(layer) is not nn.Linear:
+                    raise TypeError(
+                        f"{name}: fused adapters need a plain nn.Linear, got {type(layer).__name__}"
+                    )
+                if "forward" in layer.__dict__:
+                    raise RuntimeError(
+                        f"{name}: already inside a fused_adapters block (nesting is not supported)"
+                    )
+                fusion = _LayerFusion(stack, idx, coef, mode)
+                layer.forward = types.MethodType(lambda self, x, _f=fusion: _f(self, x), layer)
+                patched.append(layer)
+        yield
+    finally:
+        for layer in patched:
+            del layer.forward
+
+
+def fused_text_features(model: nn.Module, library: AdapterLibrary, weights: Tensor, **kwargs) -> Tensor:
+    """Class-text features under each image's fused adapters (the ``per_image`` text policy).
+
+    The prompts are encoded once per image, in one batch, with that image's weights.
+
+    Args:
+        model: a CAT-Seg model (uses its current vocabulary).
+        weights: (B, N).
+    Returns:
+        (B, T, P, C) normalised text features.
+    """
+    weights = torch.as_tensor(weights)
+    weights = weights.reshape(1, -1) if weights.dim() == 1 else weights
+    tokens = model.test_tokens if not model.training else model.train_tokens
+    batch = weights.shape[0]
+    repeated = tokens.repeat(batch, 1, 1)  # (B*T, P, L), image-major
+    with fused_adapters(model, library, weights, **kwargs):
+        feats = model.text_features(repeated)  # (B*T, P, C)
+    return feats.reshape(batch, tokens.shape[0], *feats.shape[1:])

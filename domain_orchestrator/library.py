@@ -1,0 +1,347 @@
+"""The adapter library: one PEFT LoRA adapter per training domain, plus its CLIP prototype.
+
+On disk (the layout of the released SemLA ``loradb`` and of our training)::
+
+    loradb/
+      <domain>/adapter_config.json            PEFT LoraConfig (r, lora_alpha, target_modules, ...)
+      <domain>/adapter_model.safetensors      base_model.model.<module>.lora_A.weight (r, in)
+                                              base_model.model.<module>.lora_B.weight (out, r)
+      <domain>/<domain>_statistics.npz        train_average_embedding (1, D): mean CLIP image embedding
+
+:class:`AdapterLibrary` validates every adapter before use (errors name the adapter and the problem)
+and holds, per target layer, the A and B matrices of all adapters stacked once:
+``A (N, R, in)`` and ``B (N, out, R)``, R the largest rank (smaller ranks are zero padded, which adds
+nothing), with the per-adapter scaling ``alpha / r`` (``alpha / sqrt(r)`` for rsLoRA) kept separately.
+Adapters are read from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STATISTICS_KEY = "train_average_embedding"
+_PREFIX = "base_model.model."
+
+
+class AdapterLibraryError(ValueError):
+    """An adapter folder that cannot be used; the message names the adapter and the problem."""
+
+
+def statistics_path(folder: str | os.PathLike, name: str) -> Path:
+    """``<folder>/<name>_statistics.npz``, the reference's file name for a domain's prototype."""
+    return Path(folder) / f"{name}_statistics.npz"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the library keeps of one adapter besides its tensors."""
+
+    name: str
+    folder: Path
+    rank: int
+    alpha: float
+    scaling: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass
+class LayerStack:
+    """All adapters' LoRA factors for one target layer.
+
+    Attributes:
+        A: (N, R, in) down projections (zero rows beyond an adapter's rank, zeros if it skips the layer).
+        B: (N, out, R) up projections.
+    """
+
+    A: Tensor
+    B: Tensor
+
+
+def _read_config(folder: Path, name: str) -> dict:
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise AdapterLibraryError(f"adapter {name!r}: missing {path}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterLibraryError(f"adapter {name!r}: {path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterLibraryError(f"adapter {name!r}: {path} must hold a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterLibraryError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise AdapterLibraryError(f"adapter {name!r}: {path} needs a positive {key!r}, got {value!r}")
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "bias != 'none'": config.get("bias", "none") != "none",
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise AdapterLibraryError(f"adapter {name!r}: unsupported LoRA options in {path}: {', '.join(bad)}")
+    return config
+
+
+def _read_tensors(folder: Path, name: str) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise AdapterLibraryError(
+            f"adapter {name!r}: missing {path} (adapters are read from safetensors only)"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise AdapterLibraryError(
+            f"adapter {name!r}: {path} is not a readable safetensors file ({e})"
+        ) from None
+
+
+def _pair_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module: (A, B)}`` from PEFT's saved names; anything else is an error."""
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.startswith(_PREFIX) and key.endswith(suffix):
+                pairs.setdefault(key[len(_PREFIX) : -len(suffix)], {})[part] = value
+                break
+        else:
+            raise AdapterLibraryError(
+                f"adapter {name!r}: unexpected tensor {key!r} (expected {_PREFIX}<module>.lora_A/lora_B.weight)"
+            )
+    out = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise AdapterLibraryError(f"adapter {name!r}: module {module!r} has only {sorted(parts)}")
+        out[module] = (parts["lora_A"], parts["lora_B"])
+    if not out:
+        raise AdapterLibraryError(f"adapter {name!r}: no LoRA tensors")
+    return out
+
+
+def read_statistics(folder: str | os.PathLike, name: str) -> np.ndarray:
+    """The domain prototype ``train_average_embedding`` as a (D,) float32 array.
+
+    Raises:
+        AdapterLibraryError: missing file, missing key, wrong shape or non-finite values.
+    """
+    path = statistics_path(folder, name)
+    if not path.is_file():
+        raise AdapterLibraryError(
+            f"adapter {name!r}: missing statistics {path} (run domain_orchestrator/generate_embeddings.py)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if STATISTICS_KEY not in data:
+                raise AdapterLibraryError(f"adapter {name!r}: {path} has no {STATISTICS_KEY!r} array")
+            embedding = np.asarray(data[STATISTICS_KEY])
+    except (OSError, ValueError) as e:
+        if isinstance(e, AdapterLibraryError):
+            raise
+        raise AdapterLibraryError(f"adapter {name!r}: {path} is not a readable .npz file ({e})") from None
+    if embedding.ndim == 2 and embedding.shape[0] == 1:
+        embedding = embedding[0]
+    if embedding.ndim != 1 or embedding.size == 0:
+        raise AdapterLibraryError(
+            f"adapter {name!r}: {path}: {STATISTICS_KEY} must have shape (1, D), got {embedding.shape}"
+        )
+    if not np.isfinite(embedding).all():
+        raise AdapterLibraryError(f"adapter {name!r}: {path}: {STATISTICS_KEY} holds NaN or Inf")
+    return embedding.astype(np.float32)
+
+
+class AdapterLibrary:
+    """Validated, stacked LoRA adapters and their domain prototypes.
+
+    Use :meth:`open` to read a ``loradb/`` folder. Attributes:
+        names: adapter (domain) names, in library order (= column order of weight matrices).
+        infos: per-adapter metadata.
+        layers: target module name -> :class:`LayerStack`.
+        scalings: (N,) LoRA scaling of each adapter.
+        prototypes: (N, D) domain prototypes, or None when opened without statistics.
+    """
+
+    def __init__(
+        self,
+        *,
+        infos: Sequence[AdapterInfo],
+        layers: dict[str, LayerStack],
+        prototypes: Tensor | None,
+    ) -> None:
+        self.infos = list(infos)
+        self.names = [info.name for info in self.infos]
+        self.layers = layers
+        self.scalings = torch.tensor([info.scaling for info in self.infos], dtype=torch.float64)
+        self.prototypes = prototypes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"AdapterLibrary({len(self)} adapters, {len(self.layers)} target layers)"
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).A.device
+
+    def index(self, names: str | Sequence[str]) -> list[int]:
+        """Library positions of adapter names (unknown names are an error)."""
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.names]
+        if unknown:
+            raise KeyError(f"adapters not in the library: {unknown}; the library has {self.names}")
+        return [self.names.index(n) for n in names]
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> AdapterLibrary:
+        """Move the stacked tensors (in place) and return self."""
+        for stack in self.layers.values():
+            stack.A = stack.A.to(device=device, dtype=dtype)
+            stack.B = stack.B.to(device=device, dtype=dtype)
+        if self.prototypes is not None and device is not None:
+            self.prototypes = self.prototypes.to(device)
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(s.A.numel() + s.B.numel() for s in self.layers.values())
+
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike,
+        names: Sequence[str] | None = None,
+        *,
+        model: nn.Module | None = None,
+        statistics: bool = True,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> AdapterLibrary:
+        """Read and validate adapters from a library folder.
+
+        Args:
+            root: the library folder (``loradb/``).
+            names: adapters to open, in this order; default: every sub-folder holding an
+                ``adapter_config.json``, sorted by name.
+            model: the base model the adapters will be fused into; when given, every target module must
+                exist there as an ``nn.Linear`` with matching shapes.
+            statistics: also read each ``<name>_statistics.npz`` prototype (all of the same dimension).
+            device, dtype: where and how to hold the stacked tensors.
+        Raises:
+            AdapterLibraryError: the first problem found, naming the adapter.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise AdapterLibraryError(f"adapter library folder not found: {root}")
+        if names is None:
+            names = sorted(p.name for p in root.iterdir() if (p / ADAPTER_CONFIG).is_file())
+            if not names:
+                raise AdapterLibraryError(f"no adapters (sub-folders with {ADAPTER_CONFIG}) in {root}")
+        names = list(names)
+        if len(set(names)) != len(names):
+            raise AdapterLibraryError(f"adapter names repeat: {names}")
+        modules = dict(model.named_modules()) if model is not None else None
+
+        infos: list[AdapterInfo] = []
+        factors: list[dict[str, tuple[Tensor, Tensor]]] = []
+        prototypes: list[np.ndarray] = []
+        for name in names:
+            folder = root / name
+            if not folder.is_dir():
+                raise AdapterLibraryError(f"adapter {name!r}: folder not found: {folder}")
+            config = _read_config(folder, name)
+            pairs = _pair_tensors(_read_tensors(folder, name), name)
+            rank = int(config["r"])
+            for module, (a, b) in pairs.items():
+                _check_pair(name, module, a, b, rank, modules)
+            alpha = float(config["lora_alpha"])
+            scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+            infos.append(AdapterInfo(name, folder, rank, alpha, scaling, tuple(sorted(pairs))))
+            factors.append(pairs)
+            if statistics:
+                prototypes.append(read_statistics(folder, name))
+
+        proto = None
+        if statistics:
+            dims = {p.shape[0] for p in prototypes}
+            if len(dims) != 1:
+                detail = ", ".join(f"{n}: {p.shape[0]}" for n, p in zip(names, prototypes))
+                raise AdapterLibraryError(f"statistics of different dimensions in one library ({detail})")
+            proto = torch.from_numpy(np.stack(prototypes)).to(device)
+
+        layers = _stack(factors, device=device, dtype=dtype)
+        library = cls(infos=infos, layers=layers, prototypes=proto)
+        logger.info(
+            "opened %r from %s (%.1fM LoRA parameters)", library, root, library.num_parameters() / 1e6
+        )
+        return library
+
+
+def _check_pair(
+    name: str, module: str, a: Tensor, b: Tensor, rank: int, modules: dict[str, nn.Module] | None
+) -> None:
+    where = f"adapter {name!r}, module {module!r}"
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        raise AdapterLibraryError(
+            f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match rank r={rank}"
+        )
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterLibraryError(f"{where}: NaN or Inf in the LoRA tensors")
+    if modules is None:
+        return
+    layer = modules.get(module)
+    if layer is None:
+        raise AdapterLibraryError(f"{where}: the model has no module of that name (wrong target name)")
+    layer = getattr(layer, "base_layer", layer)
+    if not isinstance(layer, nn.Linear):
+        raise AdapterLibraryError(f"{where}: target is a {type(layer).__name__}, not nn.Linear")
+    if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+        raise AdapterLibraryError(
+            f"{where}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the layer "
+            f"({layer.in_features} -> {layer.out_features})"
+        )
+
+
+def _stack(
+    factors: Sequence[dict[str, tuple[Tensor, Tensor]]], *, device: str | torch.device, dtype: torch.dtype
+) -> dict[str, LayerStack]:
+    """Stack every adapter's (A, B) per layer, zero-padding ranks and missing layers."""
+    targets = sorted({m for pairs in factors for m in pairs})
+    layers = {}
+    for module in targets:
+        present = [pairs[module] for pairs in factors if module in pairs]
+        in_features = {a.shape[1] for a, _ in present}
+        out_features = {b.shape[0] for _, b in present}
+        if len(in_features) != 1 or len(out_features) != 1:
+            raise AdapterLibraryError(f"module {module!r}: adapters disagree on its shape")
+        rank = max(a.shape[0] for a, _ in present)
+        stack_a = torch.zeros(len(factors), rank, in_features.pop(), dtype=dtype)
+        stack_b = torch.zeros(len(factors), out_features.pop(), rank, dtype=dtype)
+        for i, pairs in enumerate(factors):
+            if module in pairs:
+                a, b = pairs[module]
+                stack_a[i, : a.shape[0]] = a
+                stack_b[i, :, : b.shape[1]] = b
+        layers[module] = LayerStack(stack_a.to(device), stack_b.to(device))
+    return layers
