@@ -42,17 +42,26 @@ FusionMode = Literal["auto", "merged", "unmerged"]
 # --------------------------------------------------------------------------------------------------
 
 
-def inverse_euclidean_scores(embedding: Tensor, prototypes: Tensor) -> Tensor:
+def inverse_euclidean_scores(
+    embedding: Tensor, prototypes: Tensor, prototype_sq_norms: Tensor | None = None
+) -> Tensor:
     """SemLA's default score: 1 / ||x - p||_2 (higher = closer).
+
+    Computed in float64 as sqrt(|x|^2 - 2 x.p + |p|^2), one matrix product (the cancellation error is
+    ~1e-16 relative here, far below float32 resolution).
 
     Args:
         embedding: (B, D) image embeddings (unnormalised CLIP features).
         prototypes: (N, D) domain prototypes.
+        prototype_sq_norms: (N,) cached |p|^2 in float64 (optional, saves a pass over the prototypes).
     Returns:
         (B, N) scores, in float64 (an exact zero distance gives +inf).
     """
-    distances = torch.cdist(embedding.double(), prototypes.double())
-    return 1.0 / distances
+    x = embedding.double()
+    p = prototypes.double()
+    p_sq = (p * p).sum(dim=1) if prototype_sq_norms is None else prototype_sq_norms.double()
+    sq = (x * x).sum(dim=1, keepdim=True) - 2.0 * (x @ p.T) + p_sq  # (B, N)
+    return 1.0 / sq.clamp_min(0.0).sqrt()
 
 
 def cosine_scores(embedding: Tensor, prototypes: Tensor) -> Tensor:
@@ -64,13 +73,19 @@ def cosine_scores(embedding: Tensor, prototypes: Tensor) -> Tensor:
     return F.normalize(embedding.double(), dim=-1) @ F.normalize(prototypes.double(), dim=-1).T
 
 
-def scores(embedding: Tensor, prototypes: Tensor, measure: Measure = "euclidean") -> Tensor:
+def scores(
+    embedding: Tensor,
+    prototypes: Tensor,
+    measure: Measure = "euclidean",
+    prototype_sq_norms: Tensor | None = None,
+) -> Tensor:
     """Score images against library prototypes; higher = closer.
 
     Args:
         embedding: (B, D) or (D,) image embeddings.
         prototypes: (N, D).
         measure: ``euclidean`` (1 / distance, the reference's effective default) or ``cosine``.
+        prototype_sq_norms: optional cached (N,) |p|^2 for ``euclidean``.
     Returns:
         (B, N) float64.
     """
@@ -80,7 +95,7 @@ def scores(embedding: Tensor, prototypes: Tensor, measure: Measure = "euclidean"
             f"embedding dimension {embedding.shape[-1]} != prototype dimension {prototypes.shape[-1]}"
         )
     if measure == "euclidean":
-        return inverse_euclidean_scores(embedding, prototypes)
+        return inverse_euclidean_scores(embedding, prototypes, prototype_sq_norms)
     if measure == "cosine":
         return cosine_scores(embedding, prototypes)
     raise ValueError(f"unknown measure {measure!r}; use 'euclidean' or 'cosine'")
@@ -103,8 +118,10 @@ def _exclusion_mask(
 def topk_indices(scores: Tensor, top_k: int, exclude: Tensor | Sequence[int] | None = None) -> Tensor:
     """Indices of each row's ``top_k`` highest scores, best first.
 
-    Ties keep library order (a stable descending sort, as the reference's ``sorted(..., reverse=True)``).
+    Ties keep library order (as the reference's stable ``sorted(..., reverse=True)``): among equal
+    scores at the cut, the adapters listed first are kept, and equal scores are listed in library order.
     Excluded adapters are never chosen; fewer than ``top_k`` candidates keeps all of them.
+    Linear in the library size (one ``topk`` and a few element-wise passes; no full sort).
 
     Args:
         scores: (B, N).
@@ -119,9 +136,16 @@ def topk_indices(scores: Tensor, top_k: int, exclude: Tensor | Sequence[int] | N
     candidates = int((~mask).sum(dim=1).min())
     if candidates == 0:
         raise ValueError("every adapter is excluded")
+    k = min(top_k, candidates)
     ranked = torch.where(mask, torch.full_like(scores, -math.inf), scores)
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    return order[:, : min(top_k, candidates)]
+    kth = torch.topk(ranked, k, dim=1).values[:, -1:]  # (B, 1) the k-th best score
+    above = ranked > kth
+    tie = (ranked == kth) & ~mask
+    need = k - above.sum(dim=1, keepdim=True)
+    take = above | (tie & (tie.cumsum(dim=1) <= need))  # exactly k per row, earliest ties first
+    idx = take.nonzero()[:, 1].reshape(scores.shape[0], k)  # ascending library order per row
+    order = torch.sort(torch.gather(ranked, 1, idx), dim=1, descending=True, stable=True).indices
+    return torch.gather(idx, 1, order)
 
 
 def semla_weights(

@@ -194,6 +194,8 @@ class AdapterLibrary:
         self.layers = layers
         self.scalings = torch.tensor([info.scaling for info in self.infos], dtype=torch.float64)
         self.prototypes = prototypes
+        # |p|^2 in float64, cached for the 1 / Euclidean-distance score.
+        self.prototype_sq_norms = None if prototypes is None else (prototypes.double() ** 2).sum(dim=1)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -222,7 +224,16 @@ class AdapterLibrary:
             stack.B = stack.B.to(device=device, dtype=dtype)
         if self.prototypes is not None and device is not None:
             self.prototypes = self.prototypes.to(device)
+            self.prototype_sq_norms = self.prototype_sq_norms.to(device)
         return self
+
+    def scores(self, embedding: Tensor, measure: str = "euclidean") -> Tensor:
+        """Scores of images against this library's prototypes ((B, D) -> (B, N), higher = closer)."""
+        from .fusion import scores
+
+        if self.prototypes is None:
+            raise ValueError("this library was opened without statistics: no prototypes to score against")
+        return scores(embedding.to(self.prototypes.device), self.prototypes, measure, self.prototype_sq_norms)
 
     def num_parameters(self) -> int:
         return sum(s.A.numel() + s.B.numel() for s in self.layers.values())

@@ -97,3 +97,24 @@ def test_invalid_arguments() -> None:
         scores(torch.rand(1, 3), torch.rand(4, 5))
     with pytest.raises(ValueError, match="unknown measure"):
         scores(torch.rand(1, 3), torch.rand(4, 3), "manhattan")
+
+
+def test_topk_matches_a_full_stable_sort_with_many_ties() -> None:
+    g = torch.Generator().manual_seed(3)
+    s = torch.randint(0, 4, (32, 40), generator=g).double()  # lots of ties
+    exclude = torch.rand(32, 40, generator=g) < 0.2
+    for k in (1, 3, 7):
+        got = topk_indices(s, k, exclude=exclude)
+        ranked = torch.where(exclude, torch.full_like(s, -math.inf), s)
+        expected = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(got, expected)
+
+
+def test_cached_prototype_norms_give_the_same_scores() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, p = torch.randn(3, 768, generator=g), torch.randn(50, 768, generator=g)
+    direct = 1.0 / torch.linalg.vector_norm(x.double()[:, None] - p.double()[None], dim=-1)
+    torch.testing.assert_close(scores(x, p), direct, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        scores(x, p, prototype_sq_norms=(p.double() ** 2).sum(1)), direct, rtol=1e-12, atol=0
+    )
