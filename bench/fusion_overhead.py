@@ -166,7 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     samples[key].append(t)
         single = {k: median_ms(v) for k, v in samples.items()}
         results["batch1_ms"] = single
-        del peft_model, peft_base
 
         # (d) batch of B images, B different weight vectors, vs a zero-shot batch of B.
         distinct = int(torch.unique(weights, dim=0).shape[0])
