@@ -56,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-adapters", type=int, default=20, help="library size for (b)-(d)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the random adapters")
     p.add_argument("--top-k", type=int, default=5, help="adapters fused per image")
-    p.add_argument("--batch", type=int, default=8, help="batch size of (d)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="batch size of (d); default 8 on CUDA, 2 on CPU (ViT-B CAT-Seg needs ~6 GB per image on CPU: "
+        "the class attention pads every view to 256 classes)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
     p.add_argument("--image-size", type=int, default=None, help="test image side (default: preset canvas)")
@@ -66,16 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def median_ms(samples: Sequence[float]) -> float:
     return 1000 * statistics.median(samples)
 
 
-def make_model(preset: str, class_json: str):  # noqa: ANN201
+def make_model(preset: str, class_json: str, device: str = "cpu"):  # noqa: ANN201
     config, *_ = CONFIGS[preset]
     opts = ["TEST.SLIDING_WINDOW", "True", "MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1,1]"]
     opts += [
@@ -85,7 +100,7 @@ def make_model(preset: str, class_json: str):  # noqa: ANN201
         class_json,
     ]
     torch.manual_seed(0)
-    return build_model(load_config(CATSEG_ROOT / "configs" / config, opts)).eval()
+    return build_model(load_config(CATSEG_ROOT / "configs" / config, opts), device).eval()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     _, cs19, ade150, canvas = CONFIGS[args.preset]
     side = args.image_size or canvas
-    model = make_model(args.preset, cs19)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.batch = args.batch or (8 if device.startswith("cuda") else 2)
+    model = make_model(args.preset, cs19, device)
     targets = semla_target_modules(model)
     shapes = linear_shapes(model, targets)
     names = [f"domain{i:02d}" for i in range(args.num_adapters)]
@@ -112,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=i,
                 embedding=rng.normal(size=768),
             )
-        library = AdapterLibrary.open(root, names, model=model)
+        library = AdapterLibrary.open(root, names, model=model, device=device)
+        log(f"library: {library}")
         g = torch.Generator().manual_seed(0)
         images = [
             torch.randint(0, 256, (3, side, side), generator=g, dtype=torch.uint8) for _ in range(args.batch)
@@ -120,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         one = [{"image": images[0], "height": side, "width": side}]
         batch = [{"image": im, "height": side, "width": side} for im in images]
         text = model.text_features()  # cached once, as the original code does
-        embeddings = torch.from_numpy(rng.normal(size=(args.batch, 768)))
+        embeddings = torch.from_numpy(rng.normal(size=(args.batch, 768))).to(device)
         weights = semla_weights(scores(embeddings, library.prototypes), args.top_k, 0.05)  # (B, N)
 
         def zero_shot() -> None:
@@ -136,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) the original path on a PEFT copy of the same model holding the same adapters.
         from peft import PeftModel
 
-        peft_base = make_model(args.preset, cs19)
+        peft_base = make_model(args.preset, cs19, device)
         peft_model = PeftModel.from_pretrained(peft_base, root / names[0], adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(root / name, adapter_name=name)
@@ -162,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(args.warmup + args.reps):
             for key, fn in runs.items():
                 t = timed(fn)
+                log(f"batch 1, rep {rep}, {key}: {t:.2f} s")
                 if rep >= args.warmup:
                     samples[key].append(t)
         single = {k: median_ms(v) for k, v in samples.items()}
@@ -180,15 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run
 
-        bruns = {
-            "zero_shot": batch_zero,
-            "fused_auto": batch_fused("auto"),
-            "fused_unmerged": batch_fused("unmerged"),
-        }
+        bruns = {"zero_shot": batch_zero, "fused_auto": batch_fused("auto")}
         bsamples: dict[str, list[float]] = {k: [] for k in bruns}
         for rep in range(args.warmup + args.reps):
             for key, fn in bruns.items():
                 t = timed(fn)
+                log(f"batch {args.batch}, rep {rep}, {key}: {t:.2f} s")
                 if rep >= args.warmup:
                     bsamples[key].append(t)
         results["batch_ms"] = {k: median_ms(v) for k, v in bsamples.items()}
@@ -197,11 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (f) per-image text policy: re-encode the class prompts under each image's adapters.
         text_cost = {}
         for label, class_json in (("19 classes", cs19), ("150 classes", ade150)):
-            vocab_model = make_model(args.preset, class_json)
+            vocab_model = make_model(args.preset, class_json, device)
             fn = lambda m=vocab_model: fused_text_features(m, library, weights[:1])  # noqa: E731
             for _ in range(args.warmup):
                 fn()
             text_cost[label] = median_ms([timed(fn) for _ in range(args.reps)])
+            log(f"text under fusion, {label}: {text_cost[label]:.1f} ms")
         results["text_per_image_ms"] = text_cost
 
     # (e) scoring + top-k + weights, prototypes only.
@@ -225,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reps": args.reps,
         "warmup": args.warmup,
         "torch": torch.__version__,
+        "device": device,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": __import__("os").cpu_count(),
@@ -260,7 +278,7 @@ def render(r: dict) -> str:
         f"{s['peft_reference'] / z:.3f} |"
     )
     bz = b["zero_shot"]
-    for mode in ("auto", "unmerged"):
+    for mode in ("auto",):
         lines.append(
             f"| (d) batch of {m['batch']}, {r['batch_distinct_weight_vectors']} different weight vectors, "
             f"{mode} | {b['fused_' + mode]:.0f} ms (zero-shot batch {bz:.0f} ms) | throughput "
