@@ -1,0 +1,288 @@
+"""Attach, save and load PEFT LoRA adapters on a CAT-Seg model (SemLA's ``loradb/<name>/``).
+
+An adapter is stored the way the reference stores it (PEFT ``save_pretrained``)::
+
+    <DB_PATH>/<NAME>/adapter_config.json          LoraConfig: r, lora_alpha, target_modules, ...
+    <DB_PATH>/<NAME>/adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in)
+                                                  base_model.model.<module>.lora_B.weight (out, r)
+
+Differences from the reference (deliberate):
+
+- :func:`save_adapter` writes into a temporary folder inside ``DB_PATH`` and renames the finished
+  ``<NAME>/`` into place, so an interrupted save never leaves a half-written adapter, and it refuses to
+  replace an existing adapter unless asked to. PEFT's model card (``README.md``), which the reference
+  leaves at the library root, is not kept.
+- ``target_modules`` in ``adapter_config.json`` is the full list of module paths, in config order, as
+  the reference's PEFT 0.10 wrote it (newer PEFT would shorten lists of 20+ names to suffixes).
+- Because our CLIP attention calls its ``q_proj``/``k_proj``/``v_proj`` Linear modules, LoRA on them
+  trains and takes effect (in the reference they are inert; REFERENCE.md §6 Q1).
+
+``peft`` is imported inside the functions: importing it pulls in ``transformers`` (seconds), which
+processes that never touch an adapter should not pay for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import lora_target_modules
+from ..lora import resolve_target_modules
+from .io import default_file_mode, umask
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "AdapterError",
+    "adapter_dir",
+    "attach_lora",
+    "check_adapter_folder",
+    "load_adapter",
+    "lora_config_from_cfg",
+    "lora_state_dict",
+    "save_adapter",
+    "state_digest",
+    "trainable_state_dict",
+    "validate_adapter_name",
+]
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+class AdapterError(ValueError):
+    """An adapter folder or name that cannot be used; the message names it."""
+
+
+def validate_adapter_name(name: str) -> str:
+    """Check ``MODEL.LORA.NAME``: letters, digits, ``_`` and ``-`` (it becomes a folder and a PEFT key).
+
+    Raises:
+        AdapterError: naming the value.
+    """
+    if not isinstance(name, str) or not _NAME_PATTERN.match(name):
+        raise AdapterError(
+            f"MODEL.LORA.NAME must be letters, digits, '_' or '-' (it names the folder DB_PATH/NAME and "
+            f"the PEFT adapter), got {name!r}"
+        )
+    return name
+
+
+def adapter_dir(db_path: str | os.PathLike[str], name: str) -> Path:
+    """``<db_path>/<name>``, the folder of one adapter (no trailing-slash rules, unlike the reference)."""
+    return Path(db_path) / validate_adapter_name(name)
+
+
+def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check that ``folder`` holds a PEFT LoRA adapter and return its ``adapter_config.json``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+        AdapterError: the config is not valid JSON or not a LoRA config.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    for file_name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+        if not (folder / file_name).is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {file_name}")
+    path = folder / ADAPTER_CONFIG_NAME
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: not a PEFT LoRA config")
+    return config
+
+
+def lora_config_from_cfg(cfg: Any, target_modules: list[str]) -> LoraConfig:
+    """PEFT ``LoraConfig`` from ``MODEL.LORA`` (r, alpha, dropout, bias, rsLoRA, DoRA) and the targets."""
+    from peft import LoraConfig
+
+    lora = cfg.MODEL.LORA
+    return LoraConfig(
+        r=int(lora.RANK),
+        lora_alpha=lora.ALPHA,
+        lora_dropout=float(lora.DROPOUT),
+        bias=lora.BIAS,
+        use_rslora=bool(lora.USE_RSLORA),
+        use_dora=bool(lora.USE_DORA),
+        target_modules=list(target_modules),
+    )
+
+
+def attach_lora(model: nn.Module, cfg: Any) -> PeftModel:
+    """Wrap ``model`` in a PEFT model with a new, trainable adapter ``MODEL.LORA.NAME``.
+
+    The targets are ``MODEL.LORA.MODUELS`` checked against the model (an empty list selects the
+    reference's modules for this preset). PEFT freezes every other parameter, so only the LoRA
+    factors train (their count and size are logged; the names at DEBUG level). LoRA A is
+    Kaiming-initialised from the torch RNG and B is zero, so the new model computes what ``model`` did.
+
+    Args:
+        model: a ``CATSeg`` with its base weights loaded (modified in place: PEFT injects its layers).
+        cfg: a resolved config.
+    Returns:
+        the ``PeftModel``.
+    Raises:
+        ValueError: unknown target modules (naming them), or a bad adapter name.
+    """
+    from peft import get_peft_model
+
+    name = validate_adapter_name(cfg.MODEL.LORA.NAME)
+    targets = resolve_target_modules(lora_target_modules(cfg), model)
+    peft_model = get_peft_model(model, lora_config_from_cfg(cfg, targets), adapter_name=name)
+    # PEFT >= 0.13 may replace a long target list by suffixes in the live config; keep the exact paths,
+    # which is what gets saved to adapter_config.json (as the reference's PEFT 0.10 did).
+    peft_model.peft_config[name].target_modules = list(targets)
+    trainable = trainable_state_dict(peft_model)
+    logger.info(
+        "LoRA adapter %r: r=%s alpha=%s on %d modules; %d trainable tensors, %s values",
+        name,
+        cfg.MODEL.LORA.RANK,
+        cfg.MODEL.LORA.ALPHA,
+        len(targets),
+        len(trainable),
+        f"{sum(t.numel() for t in trainable.values()):,}",
+    )
+    for param_name in trainable:
+        logger.debug("trainable: %s", param_name)
+    return peft_model
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: tensor}`` of the parameters with ``requires_grad`` (detached, not copied), in model order."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_state_dict(model: nn.Module, adapter_name: str) -> dict[str, Tensor]:
+    """The LoRA tensors of one adapter of a PEFT model, by parameter name (detached, not copied).
+
+    Names look like ``base_model.model.<module>.lora_A.<adapter_name>.weight``.
+    """
+    pattern = re.compile(rf"\.lora_[A-Za-z_]+\.{re.escape(adapter_name)}(\.|$)")
+    return {name: p.detach() for name, p in model.named_parameters() if pattern.search(name)}
+
+
+def state_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and bytes, in sorted name order).
+
+    Equal digests mean bit-identical tensors; used to show that DDP ranks hold the same weights.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_adapter(
+    peft_model: PeftModel, db_path: str | os.PathLike[str], name: str, *, overwrite: bool = False
+) -> Path:
+    """Save adapter ``name`` to ``<db_path>/<name>/`` with PEFT ``save_pretrained``, atomically.
+
+    PEFT writes into a temporary folder inside ``db_path``; the finished ``<name>/`` folder is then
+    renamed into place. An existing adapter folder is replaced only with ``overwrite`` (it is moved
+    aside first and restored if the final rename fails).
+
+    Args:
+        peft_model: the PEFT model holding the adapter (not a DistributedDataParallel wrapper).
+        db_path: the adapter library root (created if needed).
+        name: the adapter name.
+        overwrite: replace an existing ``<db_path>/<name>``.
+    Returns:
+        the adapter folder.
+    Raises:
+        FileExistsError: the folder exists and ``overwrite`` is False.
+    """
+    final = adapter_dir(db_path, name)
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"adapter folder {final} already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.saving.", dir=final.parent))
+    try:
+        peft_model.save_pretrained(str(tmp / "out"), selected_adapters=[name])
+        staged = tmp / "out" / name
+        if name == "default":  # PEFT writes the default adapter into the folder itself
+            staged = tmp / "staged"
+            staged.mkdir()
+            for file_name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                os.replace(tmp / "out" / file_name, staged / file_name)
+        check_adapter_folder(staged)
+        for file in staged.iterdir():  # PEFT/safetensors may create private (0o600) files
+            file.chmod(default_file_mode())
+        staged.chmod(0o777 & ~umask())
+        previous = tmp / "previous"
+        if final.exists():
+            os.replace(final, previous)
+        try:
+            os.replace(staged, final)
+        except BaseException:
+            if previous.exists():
+                os.replace(previous, final)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("saved LoRA adapter %r to %s", name, final)
+    return final
+
+
+def load_adapter(model: nn.Module, db_path: str | os.PathLike[str], name: str) -> PeftModel:
+    """Attach the saved adapter ``<db_path>/<name>`` to ``model`` (PEFT ``from_pretrained``), checked.
+
+    Every tensor of the file must land on a LoRA parameter of the model and every LoRA parameter of
+    the adapter must come from the file; otherwise an error names the file and the keys.
+
+    Args:
+        model: a ``CATSeg`` with its base weights (PEFT injects the LoRA layers into it in place).
+        db_path: the adapter library root.
+        name: the adapter name (sub-folder and PEFT adapter name).
+    Returns:
+        the ``PeftModel`` in inference mode, with ``name`` active.
+    Raises:
+        FileNotFoundError: the adapter folder or one of its files is missing.
+        AdapterError: the file and the model do not match.
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = adapter_dir(db_path, name)
+    config = check_adapter_folder(folder)
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and targets and all("." in t for t in targets):
+        try:
+            resolve_target_modules(targets, model)
+        except ValueError as e:
+            raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: {e}") from None
+    peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+    saved = set(load_file(str(folder / ADAPTER_WEIGHTS_NAME)))
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=name))  # the keys PEFT would save
+    unexpected, missing = sorted(saved - expected), sorted(expected - saved)
+    if unexpected or missing:
+        raise AdapterError(
+            f"{folder / ADAPTER_WEIGHTS_NAME} does not match the model: {len(unexpected)} unexpected tensors "
+            f"{unexpected[:3]}, {len(missing)} missing {missing[:3]}"
+        )
+    logger.info("loaded LoRA adapter %r from %s (%d tensors)", name, folder, len(saved))
+    return peft_model

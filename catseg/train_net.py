@@ -1,0 +1,171 @@
+"""Train or evaluate CAT-Seg and SemLA LoRA adapters (the reference's ``catseg/train_net.py``, without detectron2).
+
+Examples (from the repository root; ``run_lora.sh`` / ``eval_lora.sh`` build these commands)::
+
+    python catseg/train_net.py --config-file catseg/configs/acdc/rain/lora-rain-acdc.yaml --num-gpus 1 \\
+        --resume OUTPUT_DIR output/acdc-rain TEST.SLIDING_WINDOW True MODEL.SEM_SEG_HEAD.POOLING_SIZES [1,1] \\
+        MODEL.WEIGHTS models/model_final.pth MODEL.LORA.ENABLED True MODEL.LORA.NAME acdc-rain
+    python catseg/train_net.py --config-file ... --eval-only OUTPUT_DIR output/acdc-rain/eval ...
+
+Paths: a relative ``--config-file`` is taken relative to the current directory, then to ``catseg/``;
+``OUTPUT_DIR`` is relative to the current directory; ``MODEL.WEIGHTS`` and ``MODEL.LORA.DB_PATH`` are
+relative to ``catseg/`` (the reference's working directory). Datasets are read from ``--data-root`` or
+``$DETECTRON2_DATASETS``. Exit status: 0 on success, 1 when the run is refused (bad config, missing data
+or checkpoint, existing adapter, ...), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cat_seg.config import CATSEG_ROOT, load_config
+from cat_seg.data import default_root
+from cat_seg.engine.evaluate import format_results_table
+from cat_seg.engine.launch import DistInfo, launch
+from cat_seg.engine.run import RunOptions, RunPlan, prepare_run, resolve_run_paths, run
+from cat_seg.engine.setup import device_type, logging_to
+
+logger = logging.getLogger("train_net")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (detectron2's ``default_argument_parser`` flags plus a few of ours)."""
+    parser = argparse.ArgumentParser(
+        description="Train or evaluate CAT-Seg / SemLA LoRA adapters.",
+    )
+    parser.add_argument(
+        "--config-file", required=True, metavar="FILE", help="YAML config (--config also works)"
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=1,
+        help="processes to run, one per GPU (or CPU processes with --device cpu); default 1",
+    )
+    parser.add_argument(
+        "--num-machines", type=int, default=1, help="only 1; use torchrun for several machines"
+    )
+    parser.add_argument("--eval-only", action="store_true", help="evaluate DATASETS.TEST, no training")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if present"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=None, help="default: MODEL.DEVICE of the config"
+    )
+    parser.add_argument(
+        "--dist-url", default="auto", help="rendezvous URL of spawned processes (auto: free port)"
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None, help="dataset root (default: $DETECTRON2_DATASETS)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing adapter folder DB_PATH/NAME, or start over in an OUTPUT_DIR holding checkpoints",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (also off when not a TTY)"
+    )
+    parser.add_argument(
+        "--log-period",
+        type=int,
+        default=20,
+        help="iterations between log lines and metric records; default 20",
+    )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=1,
+        help=(
+            "images per forward pass at evaluation; default 1, as the reference. Sliding-window results do not "
+            "depend on it; without TEST.SLIDING_WINDOW, images of different sizes are padded together, which "
+            "changes their predictions"
+        ),
+    )
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides, e.g. SOLVER.MAX_ITER 100 MODEL.LORA.NAME acdc-rain",
+    )
+    return parser
+
+
+def _config_path(given: str) -> Path:
+    """``given`` relative to the current directory, else relative to ``catseg/`` (reference-style paths)."""
+    path = Path(given).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    fallback = CATSEG_ROOT / path
+    if fallback.exists():
+        logger.info("config %s not found in the current directory; using %s", given, fallback)
+        return fallback
+    raise FileNotFoundError(f"config file {given} not found (looked in {Path.cwd()} and {CATSEG_ROOT})")
+
+
+def plan_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> RunPlan:
+    """Config, options and checks of a run (nothing is written).
+
+    Raises:
+        ValueError, FileNotFoundError, FileExistsError, KeyError: the run is refused (message says why).
+    """
+    if args.num_machines != 1:
+        raise ValueError("--num-machines must be 1; start train_net.py with torchrun on each machine instead")
+    if args.num_gpus < 1:
+        raise ValueError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    cfg = load_config(_config_path(args.config_file), list(args.opts or []))
+    cfg = resolve_run_paths(cfg, cwd=Path.cwd())
+    data_root = args.data_root if args.data_root is not None else default_root()
+    options = RunOptions(
+        eval_only=args.eval_only,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        device=args.device or cfg.MODEL.DEVICE,
+        num_processes=args.num_gpus,
+        dist_url=args.dist_url,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        log_period=args.log_period,
+        eval_batch_size=args.eval_batch_size,
+        argv=tuple(argv),
+    )
+    return prepare_run(cfg, options, data_root)
+
+
+def _worker(info: DistInfo, plan: RunPlan) -> None:
+    """One process of the run: log to OUTPUT_DIR/log.txt (rank 0), run, print the results table."""
+    with logging_to(plan.output_dir, rank=info.rank):
+        outcome = run(plan, info)
+        if info.is_main and outcome.results:
+            print(format_results_table(outcome.results), flush=True)
+        if info.is_main and outcome.adapter is not None:
+            print(f"adapter saved to {outcome.adapter}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``), check the run, launch it; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    with logging_to(None):
+        try:
+            plan = plan_from_args(args, argv)
+        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"train_net.py: error: {message}", file=sys.stderr)
+            return 1
+    launch(
+        _worker,
+        num_processes=plan.options.num_processes,
+        device_type=device_type(plan.options.device),
+        dist_url=plan.options.dist_url,
+        args=(plan,),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
