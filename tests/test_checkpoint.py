@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import build_tiny, random_inputs
+
 from cat_seg.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import build_tiny, random_inputs
 
 ATTN = ".attn."
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from peft import LoraConfig, get_peft_model
+
 from cat_seg.checkpoint import load_clip_weights
 from cat_seg.modeling import CLIP, MODEL_PRESETS
 from cat_seg.modeling.text import tokenize
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-from peft import LoraConfig, get_peft_model
 
 TINY = MODEL_PRESETS["tiny"].clip
 

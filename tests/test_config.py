@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from cat_seg.config import (
     CATSEG_ROOT,
     REFERENCE_LORA_TARGET_MODULES,

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from cat_seg.evaluation import (
     SemSegEvaluator,
     category_confusion,

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny, random_inputs
+from helpers import build_tiny, random_inputs
 from peft import PeftModel
 
 from cat_seg.lora import semla_target_modules

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
+from helpers import build_tiny
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 

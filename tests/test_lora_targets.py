@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import TINY_CONFIG, build_tiny
+from helpers import TINY_CONFIG, build_tiny
 
 from cat_seg.config import CATSEG_ROOT, REFERENCE_LORA_TARGET_MODULES, load_config
 from cat_seg.lora import resolve_target_modules, semla_target_modules

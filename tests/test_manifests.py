@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import load_fixture
+from peft import LoraConfig, get_peft_model
+
 from cat_seg.config import CATSEG_ROOT, load_config
 from cat_seg.modeling import build_model
-from conftest import load_fixture
-from peft import LoraConfig, get_peft_model
 
 PRESETS = {
     "vitl_336": ("catseg_vitl336_state_dict.json", "cityscapes/normal/lora-normal.yaml", []),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_CONFIG, build_tiny, random_inputs
+
 from cat_seg.config import load_config
 from cat_seg.modeling import build_model
-from conftest import TINY_CONFIG, build_tiny, random_inputs
 
 NUM_CLASSES = 19  # cs19.json in the tiny config
 
