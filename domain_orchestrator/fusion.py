@@ -219,17 +219,21 @@ class _LayerFusion:
                 "fused_text_features() and give them to the model)"
             )
         down, up = self.factors(x.dtype)
-        xb = x.reshape(batch, -1, x.shape[-1])  # (B, m, in): rows of image b are contiguous
-        rows, fan_in, fan_out = xb.shape[1], layer.in_features, layer.out_features
+        rows, fan_in, fan_out = x.numel() // (batch * x.shape[-1]), layer.in_features, layer.out_features
         # Merging costs out*in*rank per image, the low-rank path rows*rank*(in+out): take the cheaper.
         merged = self.mode == "merged" or (
             self.mode == "auto" and rows * (fan_in + fan_out) > fan_in * fan_out
         )
+        if merged and batch == 1:
+            # One image: exactly the zero-shot kernel (bias fused) on the merged weight.
+            return F.linear(x, torch.addmm(layer.weight, up[0], down[0]), layer.bias)
+        xb = x.reshape(batch, -1, x.shape[-1])  # (B, m, in): rows of image b are contiguous
         if merged:
             weight = torch.baddbmm(layer.weight.expand(batch, -1, -1), up, down)  # (B, out, in)
-            y = torch.bmm(xb, weight.transpose(1, 2))
-            if layer.bias is not None:
-                y = y + layer.bias
+            if layer.bias is None:
+                y = torch.bmm(xb, weight.transpose(1, 2))
+            else:  # bias fused into the batched product, as F.linear fuses it
+                y = torch.baddbmm(layer.bias.expand(batch, 1, -1), xb, weight.transpose(1, 2))
         else:
             low_rank = torch.bmm(torch.bmm(xb, down.transpose(1, 2)), up.transpose(1, 2))  # (B, m, out)
             y = F.linear(xb, layer.weight, layer.bias) + low_rank
