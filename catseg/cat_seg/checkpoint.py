@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -189,14 +190,5 @@ def load_clip_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: object) -> Path:
     """Write ``{"model": state_dict, **extra}`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save({"model": model.state_dict(), **extra}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    state = {"model": model.state_dict(), **extra}
+    return atomic_write(path, lambda f: torch.save(state, f))

@@ -36,7 +36,6 @@ import difflib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -704,19 +703,11 @@ def dump_config(cfg: CfgNode, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
     """
+    from .fileio import atomic_write_text
+
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "# Fully resolved config (semla cat_seg.config.dump_config); load with load_config().\n"
     text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
     logger.info("Wrote resolved config to %s", path)
     return path

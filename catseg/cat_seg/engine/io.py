@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
+
+from ..fileio import atomic_write, atomic_write_text, default_file_mode, umask
 
 __all__ = [
     "append_jsonl",
@@ -26,54 +27,6 @@ __all__ = [
     "to_json",
     "umask",
 ]
-
-
-def umask() -> int:
-    """The process's file-creation mask (read without changing it, where the OS allows)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def default_file_mode() -> int:
-    """Permissions a plain ``open(path, "w")`` would give a new file (``0o666`` minus the umask)."""
-    return 0o666 & ~umask()
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through ``write(binary_file)`` into a temporary file, then rename it to ``path``.
-
-    The file gets the usual permissions (``0o666`` minus the umask), not ``mkstemp``'s private ``0o600``.
-
-    Args:
-        path: destination; missing parent folders are created.
-        write: called with the open temporary file (binary mode).
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def to_json(value: Any) -> Any:
