@@ -68,6 +68,7 @@ def test_open_clip_state_dict_parity(tmp_path, oracle) -> None:  # noqa: ANN001
     _assert_parity(ours, oracle)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_openai_torchscript_archive_parity(tmp_path, oracle) -> None:  # noqa: ANN001
     path = tmp_path / "ViT-tiny.pt"
     # An OpenAI-style TorchScript archive: the traced model, as OpenAI distributes its CLIP weights.
