@@ -50,6 +50,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "AdapterError",
+    "check_adapter_targets",
     "adapter_dir",
     "attach_lora",
     "check_adapter_folder",
@@ -111,6 +112,25 @@ def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: not a PEFT LoRA config")
+    return config
+
+
+def check_adapter_targets(folder: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
+    """Read an adapter's config and check that its (full-path) target modules exist in ``model``.
+
+    Returns:
+        the adapter config.
+    Raises:
+        AdapterError: invalid config, or targets the model does not have (naming the config file).
+    """
+    folder = Path(folder)
+    config = check_adapter_folder(folder)
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and targets and all("." in t for t in targets):
+        try:
+            resolve_target_modules(targets, model)
+        except ValueError as e:
+            raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: {e}") from None
     return config
 
 
@@ -268,13 +288,7 @@ def load_adapter(model: nn.Module, db_path: str | os.PathLike[str], name: str) -
     from safetensors.torch import load_file
 
     folder = adapter_dir(db_path, name)
-    config = check_adapter_folder(folder)
-    targets = config.get("target_modules")
-    if isinstance(targets, list) and targets and all("." in t for t in targets):
-        try:
-            resolve_target_modules(targets, model)
-        except ValueError as e:
-            raise AdapterError(f"{folder / ADAPTER_CONFIG_NAME}: {e}") from None
+    check_adapter_targets(folder, model)
     peft_model = PeftModel.from_pretrained(model, str(folder), adapter_name=name)
     saved = set(load_file(str(folder / ADAPTER_WEIGHTS_NAME)))
     expected = set(get_peft_model_state_dict(peft_model, adapter_name=name))  # the keys PEFT would save

@@ -46,7 +46,7 @@ from .launch import DistInfo, all_gather_objects, barrier, torchrun_world
 from .lora import (
     adapter_dir,
     attach_lora,
-    check_adapter_folder,
+    check_adapter_targets,
     load_adapter,
     save_adapter,
     state_digest,
@@ -280,14 +280,7 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
         name = validate_adapter_name(cfg.MODEL.LORA.NAME)
         lora = lora_signature(cfg, resolve_target_modules(lora_target_modules(cfg), shapes_only))
         if options.eval_only:
-            folder = adapter_dir(cfg.MODEL.LORA.DB_PATH, name)
-            config = check_adapter_folder(folder)
-            saved_targets = config.get("target_modules")
-            if isinstance(saved_targets, list) and saved_targets and all("." in t for t in saved_targets):
-                try:
-                    resolve_target_modules(saved_targets, shapes_only)
-                except ValueError as e:
-                    raise ValueError(f"{folder / 'adapter_config.json'}: {e}") from None
+            check_adapter_targets(adapter_dir(cfg.MODEL.LORA.DB_PATH, name), shapes_only)
 
     test_records = _load_datasets(cfg, "DATASETS.TEST", root, "TEST_CLASS_JSON")
     if not cfg.DATASETS.TEST:
