@@ -7,7 +7,7 @@ the batch::
     y = W x + bias + sum_i weights[b, i] * s_i * B_i (A_i x)          (s_i = alpha_i / r_i)
 
 which is what PEFT's ``add_weighted_adapter(names, weights, combination_type="cat")`` followed by
-``set_adapter`` computes for one image (SemLA §5.5), but for a whole batch with a different weight
+``set_adapter`` computes for one image (the original code's merge), but for a whole batch with a different weight
 vector per image, without creating, merging or deleting any module, and touching only the adapters
 with non-zero weight. Parameters are never modified, so the model is exactly as before on exit.
 

@@ -137,7 +137,7 @@ def test_positional_embedding_is_resized_for_other_grids() -> None:
 
 @pytest.mark.parametrize("module", ["q_proj", "k_proj", "v_proj"])
 def test_lora_on_attention_projections_takes_effect(module: str) -> None:
-    """Unlike the original code, a LoRA on attn.q/k/v_proj changes the output (REFERENCE Q1)."""
+    """Unlike the original code, a LoRA on attn.q/k/v_proj changes the output."""
     torch.manual_seed(0)
     clip = CLIP(TINY).eval()
     images = torch.randn(1, 3, 32, 32)

@@ -76,7 +76,7 @@ def test_defaults_detectron2_and_cat_seg() -> None:
     # DeepLab keys
     assert cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA == 1.0
     assert cfg.SOLVER.POLY_LR_POWER == 0.9 and cfg.SOLVER.POLY_LR_CONSTANT_ENDING == 0.0
-    # CAT-Seg code defaults (REFERENCE.md §2.2)
+    # CAT-Seg code defaults (as in the original SemLA code)
     head = cfg.MODEL.SEM_SEG_HEAD
     assert head.CLIP_PRETRAINED == "ViT-B/16"
     assert (head.NUM_LAYERS, head.NUM_HEADS, head.HIDDEN_DIMS) == (4, 4, 128)

@@ -3,7 +3,7 @@
 The tree returned by :func:`get_cfg` holds every key the reference code reads or the reference YAML
 files set, with the reference defaults: the subset of detectron2's ``get_cfg()`` that CAT-Seg
 inherits, then :func:`add_deeplab_config`, :func:`add_cat_seg_config` and :func:`add_lora_config`,
-in the reference order (REFERENCE.md §2.1).
+in the reference order (as in the original SemLA code).
 
 :func:`load_config` gives the semantics detectron2 users expect:
 
@@ -16,7 +16,7 @@ in the reference order (REFERENCE.md §2.1).
 Deliberate differences from the reference behaviour (also listed in the README):
 
 - ``MODEL.LORA.ENABLED`` defaults to False (the reference defaults to True, so a plain evaluation
-  silently tries to load ``loradb/default``; REFERENCE.md §6 Q14).
+  silently tries to load ``loradb/default``).
 - ``MODEL.LORA.MODULES`` is accepted as an alias of the reference's misspelt ``MODEL.LORA.MODUELS``
   in YAML files and overrides; the resolved tree only holds ``MODUELS``.
 - ``MODEL.DEVICE`` defaults to ``"auto"`` (detectron2: ``"cuda"``): the device is picked at run time.
@@ -120,7 +120,7 @@ def reference_lora_target_modules(
     return tuple(names)
 
 
-#: The 214 LoRA target modules of the reference (REFERENCE.md §4.8), the default of ``MODEL.LORA.MODUELS``.
+#: The 214 LoRA target modules of the original SemLA code, the default of ``MODEL.LORA.MODUELS``.
 REFERENCE_LORA_TARGET_MODULES: tuple[str, ...] = reference_lora_target_modules()
 
 
@@ -242,7 +242,7 @@ def add_deeplab_config(cfg: CfgNode) -> None:
 
 
 def add_cat_seg_config(cfg: CfgNode) -> None:
-    """Add CAT-Seg's keys with the reference *code* defaults (REFERENCE.md §2.2).
+    """Add CAT-Seg's keys with the original code's defaults.
 
     Args:
         cfg: the tree to extend in place.
@@ -313,7 +313,7 @@ def add_cat_seg_config(cfg: CfgNode) -> None:
 
 
 def add_lora_config(cfg: CfgNode) -> None:
-    """Add SemLA's ``MODEL.LORA`` keys (REFERENCE.md §2.2, §4.8).
+    """Add SemLA's ``MODEL.LORA`` keys, as the original SemLA code defines them.
 
     ``ENABLED`` defaults to False here (the reference: True); ``MODUELS`` keeps the reference's spelling
     and its 214 ViT-L module paths.

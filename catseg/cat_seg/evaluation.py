@@ -1,6 +1,6 @@
 """Semantic-segmentation evaluation from a confusion matrix.
 
-Two metric conventions are supported (REFERENCE.md §1.5 "Metric conventions differ", §5.6):
+Two metric conventions are supported (as in the original SemLA code):
 
 * ``"detectron2"`` -- detectron2's ``SemSegEvaluator``: per-class IoU and accuracy, with classes that have
   no ground-truth pixel left out of every mean (their per-class values are NaN). Keys: ``mIoU``,

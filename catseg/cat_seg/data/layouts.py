@@ -2,7 +2,7 @@
 
 Every family has a *scanner* that lists what is on disk without raising (the ``validate`` command
 reports from it) and the loaders turn a clean scan into records (raising on any problem). Paths follow
-REFERENCE.md §3.2; ``root`` is ``$DETECTRON2_DATASETS`` (no trailing slash needed).
+the original SemLA code; ``root`` is ``$DETECTRON2_DATASETS`` (no trailing slash needed).
 
 ========== ===================================================================================
 family     images -> labels (``<split>``: train / val unless stated)

@@ -113,7 +113,7 @@ class _DomainInfo:
 
 
 def _domain_table() -> dict[str, _DomainInfo]:
-    """Domain name -> facts, in the order of the paper's source-domain list (REFERENCE.md §3.2-3.4)."""
+    """Domain name -> facts, in the order of the paper's source-domain list (as in the original SemLA code)."""
     cs = dict(
         class_json="datasets/cs19.json",
         num_classes=19,

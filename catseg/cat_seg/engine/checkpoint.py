@@ -19,7 +19,7 @@ loads with ``weights_only=True``:
 ``torch_rng``      CPU RNG state of rank 0
 =================  ==============================================================================
 
-Unlike the reference (REFERENCE.md §6 Q15), resuming a LoRA checkpoint into a full-model run (or the
+Unlike the original SemLA code, resuming a LoRA checkpoint into a full-model run (or the
 reverse, or into another adapter) is an error, raised before anything is built.
 """
 

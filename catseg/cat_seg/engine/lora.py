@@ -15,7 +15,7 @@ Differences from the reference (deliberate):
 - ``target_modules`` in ``adapter_config.json`` is the full list of module paths, in config order, as
   the reference's PEFT 0.10 wrote it (newer PEFT would shorten lists of 20+ names to suffixes).
 - Because our CLIP attention calls its ``q_proj``/``k_proj``/``v_proj`` Linear modules, LoRA on them
-  trains and takes effect (in the reference they are inert; REFERENCE.md §6 Q1).
+  trains and takes effect (in the original SemLA code they are inert).
 
 ``peft`` is imported inside the functions: importing it pulls in ``transformers`` (seconds), which
 processes that never touch an adapter should not pay for.

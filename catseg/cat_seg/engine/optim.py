@@ -1,6 +1,6 @@
 """Optimizer with CAT-Seg's parameter-group rules, and detectron2-style gradient clipping.
 
-The rules of CAT-Seg's ``Trainer.build_optimizer`` (REFERENCE.md §1.5), applied to every parameter
+The rules of CAT-Seg's ``Trainer.build_optimizer`` (as in the original SemLA code), applied to every parameter
 with ``requires_grad`` (each tensor once, even when shared):
 
 - learning rate ``BASE_LR``, times ``BACKBONE_MULTIPLIER`` if the owning module's name contains

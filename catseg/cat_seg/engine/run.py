@@ -1,7 +1,7 @@
 """One ``train_net`` run: every check before anything is written (:func:`prepare_run`), then the flow of
 each process (:func:`run`).
 
-Flows (REFERENCE.md §1.5):
+Flows (as in the original SemLA code):
 
 - LoRA training (``MODEL.LORA.ENABLED True``): build CAT-Seg, load ``MODEL.WEIGHTS``, attach a new
   adapter, train only the LoRA factors, save the adapter to ``DB_PATH/NAME/``, evaluate ``DATASETS.TEST``.
