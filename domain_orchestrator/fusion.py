@@ -318,7 +318,7 @@ def fused_text_features(model: nn.Module, library: AdapterLibrary, weights: Tens
     """
     weights = torch.as_tensor(weights)
     weights = weights.reshape(1, -1) if weights.dim() == 1 else weights
-    tokens = model.test_tokens if not model.training else model.train_tokens
+    tokens = model.class_tokens
     batch = weights.shape[0]
     repeated = tokens.repeat(batch, 1, 1)  # (B*T, P, L), image-major
     with fused_adapters(model, library, weights, **kwargs):

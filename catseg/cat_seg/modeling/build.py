@@ -181,13 +181,11 @@ def build_catseg(
         sliding_kernel=preset.sliding_kernel,
         sliding_out_res=preset.sliding_out_res,
         context_length=preset.clip.context_length,
+        train_class_names=train_class_names or (),
+        test_class_names=test_class_names or (),
         **kwargs,
     )
     model.mark_trainable(clip_finetune)
-    if train_class_names or test_class_names:
-        model.set_class_names(
-            train=train_class_names or test_class_names, test=test_class_names or train_class_names
-        )
     return model
 
 

@@ -185,6 +185,11 @@ class CATSeg(nn.Module):
         """Class names of the current mode (train or test); index = output channel."""
         return self.train_class_names if self.training else self.test_class_names
 
+    @property
+    def class_tokens(self) -> Tensor:
+        """(T, P, L) prompt tokens of the current mode's vocabulary."""
+        return self.train_tokens if self.training else self.test_tokens
+
     # -- classes and text ------------------------------------------------------------------------
     def set_class_names(
         self, *, train: Sequence[str] | None = None, test: Sequence[str] | None = None
@@ -207,7 +212,7 @@ class CATSeg(nn.Module):
             (T, P, C) normalised text features.
         """
         if tokens is None:
-            tokens = self.train_tokens if self.training else self.test_tokens
+            tokens = self.class_tokens
         if tokens.shape[0] == 0:
             raise RuntimeError("no class names set: call set_class_names() or build the model from a config")
         return self.sem_seg_head.predictor.text_features(tokens)
