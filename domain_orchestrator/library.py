@@ -149,17 +149,16 @@ def read_statistics(folder: str | os.PathLike, name: str) -> np.ndarray:
     path = statistics_path(folder, name)
     if not path.is_file():
         raise AdapterLibraryError(
-            f"adapter {name!r}: missing statistics {path} (run domain_orchestrator/generate_embeddings.py)"
+            f"adapter {name!r}: missing statistics {path} (the domain's mean CLIP image embedding)"
         )
     try:
         with np.load(path, allow_pickle=False) as data:
-            if STATISTICS_KEY not in data:
-                raise AdapterLibraryError(f"adapter {name!r}: {path} has no {STATISTICS_KEY!r} array")
-            embedding = np.asarray(data[STATISTICS_KEY])
+            arrays = {key: np.asarray(data[key]) for key in data.files}
     except (OSError, ValueError) as e:
-        if isinstance(e, AdapterLibraryError):
-            raise
         raise AdapterLibraryError(f"adapter {name!r}: {path} is not a readable .npz file ({e})") from None
+    if STATISTICS_KEY not in arrays:
+        raise AdapterLibraryError(f"adapter {name!r}: {path} has no {STATISTICS_KEY!r} array")
+    embedding = arrays[STATISTICS_KEY]
     if embedding.ndim == 2 and embedding.shape[0] == 1:
         embedding = embedding[0]
     if embedding.ndim != 1 or embedding.size == 0:
