@@ -39,8 +39,9 @@ import torch
 from cat_seg.config import CATSEG_ROOT, load_config
 from cat_seg.lora import semla_target_modules
 from cat_seg.modeling import build_model
-from domain_orchestrator.fusion import fused_adapters, fused_text_features, scores, semla_weights
+from domain_orchestrator.fusion import fused_adapters, fused_text_features
 from domain_orchestrator.library import AdapterLibrary
+from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
 CONFIGS = {

@@ -29,21 +29,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .prototypes import StatisticsError, read_statistics
+from .retrieval import scores
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STATISTICS_KEY = "train_average_embedding"
 _PREFIX = "base_model.model."
 
 
 class AdapterLibraryError(ValueError):
     """An adapter folder that cannot be used; the message names the adapter and the problem."""
-
-
-def statistics_path(folder: str | os.PathLike, name: str) -> Path:
-    """``<folder>/<name>_statistics.npz``, the reference's file name for a domain's prototype."""
-    return Path(folder) / f"{name}_statistics.npz"
 
 
 @dataclass(frozen=True)
@@ -140,36 +137,6 @@ def _pair_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, tuple[Tens
     return out
 
 
-def read_statistics(folder: str | os.PathLike, name: str) -> np.ndarray:
-    """The domain prototype ``train_average_embedding`` as a (D,) float32 array.
-
-    Raises:
-        AdapterLibraryError: missing file, missing key, wrong shape or non-finite values.
-    """
-    path = statistics_path(folder, name)
-    if not path.is_file():
-        raise AdapterLibraryError(
-            f"adapter {name!r}: missing statistics {path} (the domain's mean CLIP image embedding)"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: np.asarray(data[key]) for key in data.files}
-    except (OSError, ValueError) as e:
-        raise AdapterLibraryError(f"adapter {name!r}: {path} is not a readable .npz file ({e})") from None
-    if STATISTICS_KEY not in arrays:
-        raise AdapterLibraryError(f"adapter {name!r}: {path} has no {STATISTICS_KEY!r} array")
-    embedding = arrays[STATISTICS_KEY]
-    if embedding.ndim == 2 and embedding.shape[0] == 1:
-        embedding = embedding[0]
-    if embedding.ndim != 1 or embedding.size == 0:
-        raise AdapterLibraryError(
-            f"adapter {name!r}: {path}: {STATISTICS_KEY} must have shape (1, D), got {embedding.shape}"
-        )
-    if not np.isfinite(embedding).all():
-        raise AdapterLibraryError(f"adapter {name!r}: {path}: {STATISTICS_KEY} holds NaN or Inf")
-    return embedding.astype(np.float32)
-
-
 class AdapterLibrary:
     """Validated, stacked LoRA adapters and their domain prototypes.
 
@@ -228,8 +195,6 @@ class AdapterLibrary:
 
     def scores(self, embedding: Tensor, measure: str = "euclidean") -> Tensor:
         """Scores of images against this library's prototypes ((B, D) -> (B, N), higher = closer)."""
-        from .fusion import scores
-
         if self.prototypes is None:
             raise ValueError("this library was opened without statistics: no prototypes to score against")
         return scores(embedding.to(self.prototypes.device), self.prototypes, measure, self.prototype_sq_norms)
@@ -290,7 +255,10 @@ class AdapterLibrary:
             infos.append(AdapterInfo(name, folder, rank, alpha, scaling, tuple(sorted(pairs))))
             factors.append(pairs)
             if statistics:
-                prototypes.append(read_statistics(folder, name))
+                try:
+                    prototypes.append(read_statistics(folder, name))
+                except StatisticsError as e:
+                    raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
 
         proto = None
         if statistics:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .library import ADAPTER_WEIGHTS, STATISTICS_KEY, statistics_path
+from .library import ADAPTER_WEIGHTS
+from .prototypes import write_statistics
 
 
 def linear_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -64,7 +65,5 @@ def write_random_adapter(
         tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * std
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if embedding is not None:
-        np.savez(
-            statistics_path(folder, folder.name), **{STATISTICS_KEY: np.asarray(embedding, np.float32)[None]}
-        )
+        write_statistics(folder, folder.name, embedding)
     return folder

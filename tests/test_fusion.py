@@ -11,8 +11,9 @@ from helpers import build_tiny, random_inputs
 from peft import PeftModel
 
 from cat_seg.lora import semla_target_modules
-from domain_orchestrator.fusion import fused_adapters, fused_text_features, semla_weights
+from domain_orchestrator.fusion import fused_adapters, fused_text_features
 from domain_orchestrator.library import AdapterLibrary
+from domain_orchestrator.retrieval import semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
 NAMES = ["acdc-fog", "bdd", "mv", "nyu"]

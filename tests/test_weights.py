@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from domain_orchestrator.fusion import scores, semla_weights, topk_indices, uniform_weights
+from domain_orchestrator.retrieval import scores, semla_weights, topk_indices, uniform_weights
 
 
 def test_inverse_euclidean_scores_by_hand() -> None:

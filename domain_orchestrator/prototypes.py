@@ -1,0 +1,126 @@
+"""Domain prototypes: the ``<domain>_statistics.npz`` files of an adapter library.
+
+A domain's prototype is the mean CLIP image embedding of its training images, stored as the original
+SemLA code stores it::
+
+    <library>/<domain>/<domain>_statistics.npz
+        train_average_embedding   (1, D) float32       (the only key the original code reads)
+        semla_metadata            0-d unicode string   (JSON; this project's addition, see below)
+
+``semla_metadata`` records which embedder made the prototype (its identity: kind, name, dimension and
+a digest of its weights), from which dataset and how many images, so that an experiment can refuse
+prototypes made by another embedder than the one it embeds test images with. The file stays readable
+by the original code (``np.load(path)["train_average_embedding"]``). Files without metadata (the
+released ones, or those the original code wrote) are accepted, with their origin unknown.
+
+Writes are atomic (temporary file, then rename): an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cat_seg.fileio import atomic_write
+
+__all__ = [
+    "METADATA_KEY",
+    "STATISTICS_KEY",
+    "StatisticsError",
+    "read_statistics",
+    "read_statistics_metadata",
+    "statistics_path",
+    "write_statistics",
+]
+
+STATISTICS_KEY = "train_average_embedding"
+METADATA_KEY = "semla_metadata"
+
+
+class StatisticsError(ValueError):
+    """A statistics file that cannot be used; the message names the file and the problem."""
+
+
+def statistics_path(folder: str | os.PathLike, name: str) -> Path:
+    """``<folder>/<name>_statistics.npz``, the original code's file name for a domain's prototype."""
+    return Path(folder) / f"{name}_statistics.npz"
+
+
+def _load_arrays(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise StatisticsError(f"missing statistics {path} (the domain's mean CLIP image embedding)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise StatisticsError(f"{path} is not a readable .npz file ({e})") from None
+
+
+def read_statistics(folder: str | os.PathLike, name: str) -> np.ndarray:
+    """The domain prototype ``train_average_embedding`` as a (D,) float32 array.
+
+    Raises:
+        StatisticsError: missing file, missing key, wrong shape or non-finite values (naming the file).
+    """
+    path = statistics_path(folder, name)
+    arrays = _load_arrays(path)
+    if STATISTICS_KEY not in arrays:
+        raise StatisticsError(f"{path} has no {STATISTICS_KEY!r} array")
+    embedding = arrays[STATISTICS_KEY]
+    if embedding.ndim == 2 and embedding.shape[0] == 1:
+        embedding = embedding[0]
+    if embedding.ndim != 1 or embedding.size == 0:
+        raise StatisticsError(f"{path}: {STATISTICS_KEY} must have shape (1, D), got {embedding.shape}")
+    if not np.issubdtype(embedding.dtype, np.floating):
+        raise StatisticsError(f"{path}: {STATISTICS_KEY} must hold floats, got {embedding.dtype}")
+    if not np.isfinite(embedding).all():
+        raise StatisticsError(f"{path}: {STATISTICS_KEY} holds NaN or Inf")
+    return embedding.astype(np.float32)
+
+
+def read_statistics_metadata(folder: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    """The ``semla_metadata`` of a statistics file, or None when the file has none (original files).
+
+    Raises:
+        StatisticsError: the file is missing or unreadable, or its metadata is not a JSON object.
+    """
+    path = statistics_path(folder, name)
+    arrays = _load_arrays(path)
+    if METADATA_KEY not in arrays:
+        return None
+    try:
+        metadata = json.loads(str(arrays[METADATA_KEY]))
+    except json.JSONDecodeError as e:
+        raise StatisticsError(f"{path}: {METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise StatisticsError(f"{path}: {METADATA_KEY} must be a JSON object")
+    return metadata
+
+
+def write_statistics(
+    folder: str | os.PathLike, name: str, mean: np.ndarray, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write a domain prototype atomically.
+
+    Args:
+        folder: the domain's library folder (created if missing).
+        name: the domain name (the file is ``<name>_statistics.npz``).
+        mean: (D,) or (1, D) mean embedding; stored as (1, D) float32.
+        metadata: JSON-serialisable description (embedder identity, dataset, image count, ...).
+    Returns:
+        the file written.
+    """
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, -1)
+    if not np.isfinite(mean).all():
+        raise StatisticsError(f"refusing to write statistics of {name!r}: the mean holds NaN or Inf")
+    arrays: dict[str, np.ndarray] = {STATISTICS_KEY: mean}
+    if metadata is not None:
+        arrays[METADATA_KEY] = np.array(json.dumps(metadata, sort_keys=True))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # to memory first: np.savez would append ".npz" to a temporary name
+    return atomic_write(statistics_path(folder, name), lambda f: f.write(buffer.getvalue()))
