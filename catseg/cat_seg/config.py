@@ -600,8 +600,13 @@ def validate_config(cfg: CfgNode) -> None:
         raise ConfigError(f"MODEL.LORA.BIAS must be one of {_LORA_BIAS_TYPES}, got {lora.BIAS!r}")
 
 
-def load_config(config_file: str | os.PathLike[str] | None, opts: Sequence[Any] = ()) -> CfgNode:
-    """Build a resolved, frozen config: defaults <- ``_BASE_`` chain <- file <- ``KEY VALUE`` overrides.
+def load_config(
+    config_file: str | os.PathLike[str] | None,
+    opts: Sequence[Any] = (),
+    *,
+    overlays: Sequence[str | os.PathLike[str]] = (),
+) -> CfgNode:
+    """Build a resolved, frozen config: defaults <- ``_BASE_`` chain <- file <- overlays <- ``KEY VALUE`` overrides.
 
     Args:
         config_file: a YAML file, or None for the defaults alone. A relative path is taken as given
@@ -611,6 +616,9 @@ def load_config(config_file: str | os.PathLike[str] | None, opts: Sequence[Any] 
         opts: flat ``[KEY, VALUE, KEY, VALUE, ...]`` overrides; string values are parsed with
             ``ast.literal_eval`` when they are Python literals (``"[1,1]"``, ``"20"``, ``"True"``).
             ``MODEL.LORA.MODULES`` is accepted for ``MODEL.LORA.MODUELS``.
+        overlays: more YAML files (each with its own ``_BASE_`` chain) merged on top of ``config_file``
+            before the overrides, in order; they set only the keys they contain (e.g. the model
+            architecture of every domain config of an experiment).
     Returns:
         The frozen config (``cfg.clone()`` then ``cfg.defrost()`` to modify a copy).
     Raises:
@@ -620,10 +628,9 @@ def load_config(config_file: str | os.PathLike[str] | None, opts: Sequence[Any] 
     """
     defaults = get_cfg()
     cfg = defaults.clone()
-    if config_file is not None:
-        path = Path(config_file).expanduser().absolute()
-        chain = _collect_chain(path)
-        for file_path, mapping in chain:
+    files = ([] if config_file is None else [config_file]) + list(overlays)
+    for file in files:
+        for file_path, mapping in _collect_chain(Path(file).expanduser().absolute()):
             logger.debug("Merging config file %s", file_path)
             _merge_mapping(cfg, defaults, mapping, str(file_path))
     _apply_overrides(cfg, defaults, opts)
