@@ -224,7 +224,8 @@ class AdapterLibrary:
             statistics: also read each ``<name>_statistics.npz`` prototype (all of the same dimension).
             device, dtype: where and how to hold the stacked tensors.
         Raises:
-            AdapterLibraryError: the first problem found, naming the adapter.
+            AdapterLibraryError: naming each adapter that cannot be used and why (all of them, after
+                reading every adapter).
         """
         root = Path(root)
         if not root.is_dir():
@@ -241,24 +242,27 @@ class AdapterLibrary:
         infos: list[AdapterInfo] = []
         factors: list[dict[str, tuple[Tensor, Tensor]]] = []
         prototypes: list[np.ndarray] = []
+        problems: list[str] = []
         for name in names:
-            folder = root / name
-            if not folder.is_dir():
-                raise AdapterLibraryError(f"adapter {name!r}: folder not found: {folder}")
-            config = _read_config(folder, name)
-            pairs = _pair_tensors(_read_tensors(folder, name), name)
-            rank = int(config["r"])
-            for module, (a, b) in pairs.items():
-                _check_pair(name, module, a, b, rank, modules)
-            alpha = float(config["lora_alpha"])
-            scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-            infos.append(AdapterInfo(name, folder, rank, alpha, scaling, tuple(sorted(pairs))))
+            try:
+                info, pairs = _read_adapter(root / name, name, modules)
+                if statistics:
+                    try:
+                        prototypes.append(read_statistics(info.folder, name))
+                    except StatisticsError as e:
+                        raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
+            except AdapterLibraryError as e:
+                problems.append(str(e))
+                continue
+            infos.append(info)
             factors.append(pairs)
-            if statistics:
-                try:
-                    prototypes.append(read_statistics(folder, name))
-                except StatisticsError as e:
-                    raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
+        if len(problems) == 1:
+            raise AdapterLibraryError(problems[0])
+        if problems:
+            raise AdapterLibraryError(
+                f"{len(problems)} adapters in {root} cannot be used:\n"
+                + "\n".join(f"  - {p}" for p in problems)
+            )
 
         proto = None
         if statistics:
@@ -274,6 +278,22 @@ class AdapterLibrary:
             "opened %r from %s (%.1fM LoRA parameters)", library, root, library.num_parameters() / 1e6
         )
         return library
+
+
+def _read_adapter(
+    folder: Path, name: str, modules: dict[str, nn.Module] | None
+) -> tuple[AdapterInfo, dict[str, tuple[Tensor, Tensor]]]:
+    """Read and check one adapter folder: its info and ``{module: (A, B)}``."""
+    if not folder.is_dir():
+        raise AdapterLibraryError(f"adapter {name!r}: folder not found: {folder}")
+    config = _read_config(folder, name)
+    pairs = _pair_tensors(_read_tensors(folder, name), name)
+    rank = int(config["r"])
+    for module, (a, b) in pairs.items():
+        _check_pair(name, module, a, b, rank, modules)
+    alpha = float(config["lora_alpha"])
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return AdapterInfo(name, folder, rank, alpha, scaling, tuple(sorted(pairs))), pairs
 
 
 def _check_pair(

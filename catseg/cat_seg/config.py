@@ -364,6 +364,24 @@ def resolve_catseg_path(path: str | os.PathLike[str]) -> Path:
     return p if p.is_absolute() else CATSEG_ROOT / p
 
 
+def find_input_path(path: str | os.PathLike[str], *, cwd: str | os.PathLike[str] | None = None) -> Path:
+    """A command-line path that may also be written the reference's way, relative to ``catseg/``.
+
+    Args:
+        path: as given on the command line.
+        cwd: the caller's directory (default: the current one).
+    Returns:
+        ``path`` relative to ``cwd`` when that exists (or it is absolute), else relative to ``catseg/``
+        (e.g. ``models/model_final.pth``, ``loradb``); absolute either way. The second may not exist:
+        the caller reports a missing file with both places.
+    """
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    here = Path(cwd if cwd is not None else os.getcwd()) / given
+    return here if here.exists() else resolve_catseg_path(given)
+
+
 # --------------------------------------------------------------------------------------------------
 # Merging
 # --------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ __all__ = [
     "evaluate_datasets",
     "format_results_table",
     "inference_on_dataset",
+    "label_prediction",
     "reported_metric",
     "unwrap_model",
 ]
@@ -115,7 +116,7 @@ def build_eval_loader(
     )
 
 
-def _prediction(probs: Tensor, label: Tensor, *, resize_to_label: bool) -> np.ndarray | Tensor:
+def label_prediction(probs: Tensor, label: Tensor, *, resize_to_label: bool) -> np.ndarray | Tensor:
     """(T, H, W) probabilities -> (H, W) class ids on the CPU, at the label's size if asked."""
     pred = probs.argmax(dim=0).cpu()
     if resize_to_label and tuple(pred.shape) != tuple(label.shape):
@@ -159,7 +160,7 @@ def inference_on_dataset(
                 if "sem_seg" not in inputs:
                     raise ValueError(f"{inputs.get('file_name')}: no label to evaluate against")
                 label = inputs["sem_seg"]
-                pred = _prediction(output["sem_seg"], label, resize_to_label=resize_to_label)
+                pred = label_prediction(output["sem_seg"], label, resize_to_label=resize_to_label)
                 evaluator.process(pred, label, name=str(inputs.get("file_name")))
                 count += 1
         seconds = time.perf_counter() - start

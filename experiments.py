@@ -1,0 +1,210 @@
+"""SemLA's experiments: zero-shot, oracle, uniform merge and SemLA retrieval + fusion, per target domain.
+
+Examples (from the repository root; relative checkpoint and library paths also resolve against
+``catseg/``, the original's working directory)::
+
+    python experiments.py --experiment semla --source_domains configs/source_domains.yaml \\
+        --target_domains configs/target_domains.yaml --semla_config configs/semla_config.yaml \\
+        --remove_target_adapter --embedding_model /models/clip-vit-large-patch14 --output_dir results/semla
+    python experiments.py --experiment zeroshot uniform semla oracle ...      # all four, side by side
+    torchrun --nproc_per_node 4 experiments.py --experiment semla ...         # images sharded over processes
+
+Exit status: 0 on success, 1 when the run is refused or fails with a clear message (every problem
+found before the first image is listed), 2 for a usage error, 130 when interrupted (progress is saved;
+``--resume`` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("experiments")
+
+EXPERIMENTS = ("zeroshot", "oracle", "uniform", "semla")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the original's flags first, then this project's)."""
+    parser = argparse.ArgumentParser(
+        prog="experiments.py",
+        description="Run SemLA's experiments (zeroshot, oracle, uniform, semla) over lists of target domains.",
+    )
+    parser.add_argument(
+        "--experiment",
+        nargs="+",
+        required=True,
+        choices=EXPERIMENTS,
+        metavar="NAME",
+        help="one or more of zeroshot, oracle, uniform, semla (several: one pass over the data, a side-by-side table)",
+    )
+    parser.add_argument(
+        "--source_domains", type=Path, help="YAML list of the library's domains (uniform, semla)"
+    )
+    parser.add_argument(
+        "--target_domains", type=Path, required=True, help="YAML list of the domains to evaluate"
+    )
+    parser.add_argument(
+        "--semla_config",
+        type=Path,
+        help="YAML with distance_measure_name (euclidean|cosine), temperature, top_k, combination_type (cat)",
+    )
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("results"), help="output folder (default: results)"
+    )
+    parser.add_argument(
+        "--remove_target_adapter",
+        action="store_true",
+        help="leave each target's own adapter out of uniform and semla (leave-one-out)",
+    )
+    parser.add_argument(
+        "--model_weights",
+        default="models/model_final.pth",
+        help="CAT-Seg checkpoint; a relative path is looked up in the current folder, then in catseg/ "
+        "(default: models/model_final.pth)",
+    )
+    parser.add_argument(
+        "--lora_library_path", default="loradb", help="adapter library folder (same lookup; default: loradb)"
+    )
+    parser.add_argument(
+        "--embedding_model",
+        help="image embedder of semla: a local Hugging Face CLIPModel folder (the original: "
+        "openai/clip-vit-large-patch14), open_clip:<model>:<checkpoint>, a local open_clip folder, or catseg",
+    )
+    parser.add_argument("--datasets_root", type=Path, help="dataset root (default: $DETECTRON2_DATASETS)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default: auto)"
+    )
+    parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (default: 1)")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="data-loader workers (default: DATALOADER.NUM_WORKERS)"
+    )
+    parser.add_argument(
+        "--text_features",
+        choices=("per_image", "reference"),
+        default="per_image",
+        help="per_image: class prompts encoded under each image's adapters (default); reference: under the "
+        "first image's adapters of each target, reused for the others (the original code)",
+    )
+    parser.add_argument(
+        "--config_overlay",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="YAML merged over every domain's config (repeatable), e.g. catseg/configs/tiny/tiny_model.yaml",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output_dir")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over in an --output_dir holding a run"
+    )
+    parser.add_argument(
+        "--save_every",
+        type=float,
+        default=180.0,
+        metavar="SECONDS",
+        help="save progress inside a target this often (default: 180; 0: after every batch)",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=1,
+        help="processes to start, each evaluating a shard of the images (GPUs with --device cuda; CPU "
+        "processes over gloo with --device cpu); torchrun works too (default: 1)",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides applied to every domain's config, e.g. DATALOADER.NUM_WORKERS 0",
+    )
+    return parser
+
+
+def _worker(info, plan, debug: bool) -> None:  # noqa: ANN001 - DistInfo, ExperimentPlan (imported lazily)
+    """One process: run the plan. With several processes, a user error is printed once (rank 0) and the
+    process exits with status 1; alone, the error goes up to :func:`main`, which prints it."""
+    from cat_seg.cli import USER_ERRORS, error_message
+    from cat_seg.engine.setup import logging_to
+    from domain_orchestrator.orchestrator import run
+
+    with logging_to(None, rank=info.rank):
+        try:
+            run(plan, info)
+        except USER_ERRORS as e:
+            if debug or info.world_size == 1:
+                raise
+            if info.is_main:
+                print(f"experiments.py: error: {error_message(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, check everything, run (in one or several processes); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    from cat_seg.cli import report_errors
+
+    return report_errors("experiments.py", lambda: _main(args, argv), debug=args.debug)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    from cat_seg.engine.launch import launch, torchrun_world
+    from cat_seg.engine.setup import device_type, logging_to
+    from domain_orchestrator.orchestrator import ExperimentSettings, prepare
+
+    root = args.datasets_root
+    if root is None and os.environ.get("DETECTRON2_DATASETS"):
+        root = Path(os.environ["DETECTRON2_DATASETS"])
+    if args.num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {args.num_processes}")
+    torchrun = torchrun_world()
+    world = torchrun.world_size if torchrun is not None else args.num_processes
+    settings = ExperimentSettings(
+        experiments=tuple(args.experiment),
+        source_domains=args.source_domains,
+        target_domains=args.target_domains,
+        output_dir=args.output_dir.absolute(),
+        model_weights=args.model_weights,
+        lora_library_path=args.lora_library_path,
+        semla_config=args.semla_config,
+        remove_target_adapter=args.remove_target_adapter,
+        embedding_model=args.embedding_model,
+        datasets_root=root,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        text_features=args.text_features,
+        config_overlays=tuple(p.absolute() for p in args.config_overlay),
+        opts=tuple(args.opts or ()),
+        resume=args.resume,
+        overwrite=args.overwrite,
+        save_every=args.save_every,
+        progress=not args.no_progress,
+        argv=tuple(argv),
+    )
+    with logging_to(None, rank=torchrun.rank if torchrun is not None else 0):
+        plan = prepare(settings, world_size=world)
+    import torch.multiprocessing as mp
+
+    try:
+        launch(
+            _worker,
+            num_processes=args.num_processes,
+            device_type=device_type(args.device),
+            args=(plan, args.debug),
+        )
+    except mp.ProcessExitedException:  # a spawned process failed; it printed why
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
