@@ -22,6 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch.multiprocessing import ProcessExitedException
+
+from cat_seg.cli import USER_ERRORS, error_message, report_errors
 from cat_seg.config import CATSEG_ROOT, load_config
 from cat_seg.data import default_root
 from cat_seg.engine.evaluate import format_results_table
@@ -87,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="skip opening every image and label before the run (the check finds corrupt files up front)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
         default=[],
@@ -131,15 +140,28 @@ def plan_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> RunPla
         progress=not args.no_progress and sys.stderr.isatty(),
         log_period=args.log_period,
         eval_batch_size=args.eval_batch_size,
+        check_data=not args.no_data_check,
         argv=tuple(argv),
     )
     return prepare_run(cfg, options, data_root)
 
 
-def _worker(info: DistInfo, plan: RunPlan) -> None:
-    """One process of the run: log to OUTPUT_DIR/log.txt (rank 0), run, print the results table."""
+def _worker(info: DistInfo, plan: RunPlan, debug: bool = False) -> None:
+    """One process of the run: log to OUTPUT_DIR/log.txt (rank 0), run, print the results table.
+
+    With several processes, a user error (bad data file, ...) is printed by the process that met it, which
+    exits with status 1; in a single process it goes up to :func:`main`, which prints it.
+    """
     with logging_to(plan.output_dir, rank=info.rank):
-        outcome = run(plan, info)
+        try:
+            outcome = run(plan, info)
+        except USER_ERRORS as e:
+            logger.debug("run stopped: %s", error_message(e))  # log.txt only (DEBUG is not shown)
+            if debug or info.world_size == 1:
+                raise
+            where = "" if info.is_main else f"[rank {info.rank}] "
+            print(f"train_net.py: error: {where}{error_message(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         if info.is_main and outcome.results:
             print(format_results_table(outcome.results), flush=True)
         if info.is_main and outcome.adapter is not None:
@@ -147,24 +169,31 @@ def _worker(info: DistInfo, plan: RunPlan) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: ``sys.argv[1:]``), check the run, launch it; returns the exit status."""
+    """Parse ``argv`` (default: ``sys.argv[1:]``), check the run, launch it; returns the exit status.
+
+    Errors with a clear message (a refused run, a corrupt dataset file met during training, ...) are
+    printed as one line (``--debug``: with the traceback) and give status 1.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    with logging_to(None):
-        try:
+
+    def body() -> int:
+        with logging_to(None):
             plan = plan_from_args(args, argv)
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            print(f"train_net.py: error: {message}", file=sys.stderr)
+        try:
+            launch(
+                _worker,
+                num_processes=plan.options.num_processes,
+                device_type=device_type(plan.options.device),
+                dist_url=plan.options.dist_url,
+                args=(plan, args.debug),
+            )
+        except ProcessExitedException:  # a spawned process stopped on an error it logged
+            print("train_net.py: error: a process of the run stopped; see its message above", file=sys.stderr)
             return 1
-    launch(
-        _worker,
-        num_processes=plan.options.num_processes,
-        device_type=device_type(plan.options.device),
-        dist_url=plan.options.dist_url,
-        args=(plan,),
-    )
-    return 0
+        return 0
+
+    return report_errors("train_net.py", body, debug=args.debug)
 
 
 if __name__ == "__main__":

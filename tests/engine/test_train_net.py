@@ -250,9 +250,10 @@ def resumed(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "run_step", crash_at_12)
-        with pytest.raises(KeyboardInterrupt):
-            tn.main(argv)
-    assert (out / "last_checkpoint").read_text() == "model_0000009.pth"  # iterations 10 and 11 are lost
+        assert tn.main(argv) == 130  # Ctrl-C: "interrupted", no traceback
+    # The periodic checkpoint is after iteration 10 (model_0000009); the crash in iteration 13 saved the
+    # two iterations finished since (model_0000011), so no work is lost.
+    assert (out / "last_checkpoint").read_text() == "model_0000011.pth"
     assert not (db / NAME).exists()
     outcome = run(
         tn.plan_from_args(tn.build_parser().parse_args(argv))
@@ -263,9 +264,9 @@ def resumed(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Resumed:
 def test_interrupted_run_resumes_to_the_uninterrupted_adapter(resumed: Resumed, trained: Trained) -> None:
     records = _records(resumed.out)
     starts = [r["start_iter"] for r in records if r.get("event") == "train_start"]
-    assert starts == [0, 10]
-    second = records[next(i for i, r in enumerate(records) if r.get("start_iter") == 10) :]
-    assert [r["iteration"] for r in second if "total_loss" in r] == list(range(10, 20))
+    assert starts == [0, 12]
+    second = records[next(i for i, r in enumerate(records) if r.get("start_iter") == 12) :]
+    assert [r["iteration"] for r in second if "total_loss" in r] == list(range(12, 20))
     first_lrs = {r["iteration"]: r["lr"] for r in _records(trained.out) if "total_loss" in r}
     assert all(r["lr"] == first_lrs[r["iteration"]] for r in second if "total_loss" in r)
     evaluations = [r["iteration"] for r in records if r.get("event") == "evaluation"]
@@ -453,3 +454,49 @@ def test_wrappers_print_usage_and_fail_without_three_arguments(env: Env, script:
     result = run_script(script, ["config.yaml", "1"], data_root=env.root)
     assert result.returncode == 1
     assert result.stderr.startswith(f"usage: sh {script} CONFIG NUM_GPUS OUTPUT_DIR")
+
+
+def _corrupt_copy(env: Env, folder: Path, *, draw: int = 0) -> tuple[Path, Path]:
+    """A copy of the dataset root in which the training label of sampler draw ``draw`` is a truncated PNG."""
+    import shutil
+
+    import numpy as np
+
+    from cat_seg.config import load_config
+    from cat_seg.data import load_records
+
+    root = Path(shutil.copytree(env.root, folder / "data"))
+    records = load_records("acdc-rain_sem_seg_train", root)
+    order = np.random.default_rng([int(load_config(TINY_CONFIG).SEED), 0]).permutation(len(records))
+    label = Path(records[order[draw]]["sem_seg_file_name"])  # TrainingSampler's first pass
+    label.write_bytes(label.read_bytes()[:60])
+    return root, label
+
+
+def test_a_corrupt_label_is_found_before_the_first_step(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, label = _corrupt_copy(env, tmp_path)
+    argv = _argv(env, tmp_path / "out", tmp_path / "db")
+    argv[argv.index("--data-root") + 1] = str(root)
+    assert train_net().main(argv) == 1
+    err = capsys.readouterr().err
+    assert "train_net.py: error: 1 dataset file(s) cannot be used" in err and str(label) in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_corrupt_label_met_in_training_stops_with_one_message_and_keeps_the_work(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, label = _corrupt_copy(env, tmp_path, draw=2)  # in the second batch of 2
+    out = tmp_path / "out"
+    argv = _argv(env, out, tmp_path / "db", "--no-data-check")
+    argv[argv.index("--data-root") + 1] = str(root)
+    assert train_net().main(argv) == 1
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("train_net.py: error:")]
+    assert len(message) == 1 and str(label) in message[0] and "corrupt" in message[0], err
+    assert "Traceback" not in err
+    # Iteration 1 (0-based 0) finished; it is checkpointed, so --resume would continue at the bad batch.
+    assert (out / "last_checkpoint").read_text() == "model_0000000.pth"

@@ -89,6 +89,51 @@ def image_sizes(paths: Sequence[str | Path], *, num_threads: int = 8) -> list[tu
         return list(pool.map(image_size, paths))
 
 
+def check_file(path: str | Path, *, label: bool = False) -> str | None:
+    """Check that an image or label file is readable and intact, without decoding its pixels.
+
+    Opens the header and runs PIL's ``verify()``, which for PNG reads every chunk and checks its CRC (a
+    truncated or overwritten file fails). Labels must also be single-channel.
+
+    Returns:
+        None when the file is fine, else a message naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        with _open(path) as im:
+            if label and im.mode not in LABEL_MODES:
+                return f"{path}: label maps must be single-channel id images, got mode {im.mode!r}"
+            im.verify()
+    except DatasetError as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001 - PIL raises many kinds (SyntaxError, OSError, struct.error, ...)
+        return f"{path}: corrupt {'label map' if label else 'image'} ({e})"
+    return None
+
+
+def check_files(records: Sequence[dict], *, num_threads: int = 8, limit: int = 20) -> list[str]:
+    """:func:`check_file` on every image and label of some records (in a thread pool; I/O bound).
+
+    Args:
+        records: dataset records (``file_name``, optional ``sem_seg_file_name``).
+        num_threads: worker threads.
+        limit: stop collecting after this many problems.
+    Returns:
+        the problems found (at most ``limit``), in record order.
+    """
+    jobs = [(r["file_name"], False) for r in records]
+    jobs += [(r["sem_seg_file_name"], True) for r in records if r.get("sem_seg_file_name")]
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = pool.map(lambda job: check_file(job[0], label=job[1]), jobs)
+        problems = []
+        for problem in results:
+            if problem is not None:
+                problems.append(problem)
+                if len(problems) >= limit:
+                    break
+    return problems
+
+
 def read_image(path: str | Path, format: Literal["RGB", "BGR"] = "RGB") -> np.ndarray:
     """Read an image file fully.
 

@@ -85,18 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the preparation; returns the exit status."""
+    from ..cli import add_debug_flag, report_errors
     from .registry import default_root
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def body() -> int:
         root = args.root if args.root is not None else default_root()
         count = prepare_ade20k(root, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {count} label files under {Path(root) / 'ADEChallengeData2016' / 'annotations_detectron2'}")
-    return 0
+        print(
+            f"wrote {count} label files under {Path(root) / 'ADEChallengeData2016' / 'annotations_detectron2'}"
+        )
+        return 0
+
+    return report_errors("cat_seg.data.prepare", body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -417,15 +417,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Write the requested layouts; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    """Write the requested layouts; returns the exit status (1 with a one-line message on an error)."""
+    from ..cli import add_debug_flag, report_errors
+
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return report_errors("cat_seg.data.synthetic", lambda: _write(args), debug=args.debug)
+
+
+def _write(args: argparse.Namespace) -> int:
     layouts = list(WRITERS) if args.layout == "all" else [args.layout]
     conditions = args.conditions or []
     acdc = [c for c in conditions if c in ACDC_CONDITIONS]
     muses = [c for c in conditions if "-" in c]
     unknown = sorted(set(conditions) - set(acdc) - set(muses))
     if unknown:
-        print(f"error: unknown condition(s) {unknown}", file=sys.stderr)
+        print(f"cat_seg.data.synthetic: error: unknown condition(s) {unknown}", file=sys.stderr)
         return 2
     total = 0
     for layout in layouts:
@@ -438,11 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not muses:
                 continue
             kwargs["conditions"] = muses
-        try:
-            files = write_synthetic(layout, args.root, args.num_images, args.seed, **kwargs)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        files = write_synthetic(layout, args.root, args.num_images, args.seed, **kwargs)
         total += len(files)
         print(f"{layout}: wrote {len(files)} files")
     print(f"{total} files under {args.root}")

@@ -183,20 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Validate and print the report; returns 0 (all usable), 1 (something unusable) or 2 (usage)."""
-    args = build_parser().parse_args(argv)
-    try:
-        root = args.root if args.root is not None else default_root()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        reports = validate_root(root, args.domains, args.splits, max_size_checks=args.max_size_checks)
-    except UnknownDatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_reports(reports, Path(root)))
-    return 0 if all(r.ok for r in reports) else 1
+    """Validate and print the report; returns 0 (all usable), 1 (something unusable or an error) or 2 (usage)."""
+    from ..cli import add_debug_flag, report_errors
+
+    parser = build_parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        try:
+            root = args.root if args.root is not None else default_root()
+        except ValueError as e:  # no root given: a usage error
+            print(f"cat_seg.data.validate: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            reports = validate_root(root, args.domains, args.splits, max_size_checks=args.max_size_checks)
+        except UnknownDatasetError as e:
+            print(f"cat_seg.data.validate: error: {e}", file=sys.stderr)
+            return 2
+        print(format_reports(reports, Path(root)))
+        return 0 if all(r.ok for r in reports) else 1
+
+    return report_errors("cat_seg.data.validate", body, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ..checkpoint import load_checkpoint
 from ..config import CfgNode, dump_config, lora_target_modules, resolve_catseg_path
 from ..data import DatasetError, UnknownDatasetError, get_dataset, load_records, mapper_from_cfg
 from ..data.build import build_train_loader
+from ..data.io import check_files
 from ..lora import resolve_target_modules
 from ..modeling import build_model
 from ..modeling.text import load_class_names
@@ -80,6 +82,8 @@ class RunOptions:
         progress: show a progress bar on rank 0.
         log_period: iterations between log lines and metric records.
         eval_batch_size: images per forward pass at evaluation (the reference: 1).
+        check_data: open every image and label of the run's datasets before anything runs (a corrupt
+            file is found before the first step, not at iteration N).
         argv: the command-line arguments, recorded in ``run_info.json``.
     """
 
@@ -92,6 +96,7 @@ class RunOptions:
     progress: bool = False
     log_period: int = 20
     eval_batch_size: int = 1
+    check_data: bool = True
     argv: tuple[str, ...] = ()
 
 
@@ -208,6 +213,19 @@ def _load_datasets(
     return out
 
 
+def _check_files(records: list[dict[str, Any]]) -> None:
+    """Every image and label of the run opens and is intact (PNG checksums), or one error lists them."""
+    start = time.perf_counter()
+    problems = check_files(records)
+    if problems:
+        more = " (and possibly more)" if len(problems) >= 20 else ""
+        raise DatasetError(
+            f"{len(problems)} dataset file(s) cannot be used{more}; fix or replace them (--no-data-check skips "
+            "this check):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    logger.info("checked %d records' files in %.1f s", len(records), time.perf_counter() - start)
+
+
 def _check_weights(cfg: CfgNode, *, required: bool) -> None:
     weights = cfg.MODEL.WEIGHTS
     if not weights:
@@ -288,6 +306,8 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
     seed = pick_seed(int(cfg.SEED))
     output_dir = Path(cfg.OUTPUT_DIR)
     if options.eval_only:
+        if options.check_data:
+            _check_files([r for records in test_records.values() for r in records])
         if (output_dir / LAST_CHECKPOINT).exists():
             raise FileExistsError(
                 f"OUTPUT_DIR {output_dir} holds a training run, whose config.yaml and run_info.json an evaluation "
@@ -302,6 +322,8 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
         for records in _load_datasets(cfg, "DATASETS.TRAIN", root, "TRAIN_CLASS_JSON").values()
         for r in records
     ]
+    if options.check_data:
+        _check_files(train_records + [r for records in test_records.values() for r in records])
     resume_from, start_over = None, False
     last = read_last_checkpoint(output_dir)
     if last is not None:

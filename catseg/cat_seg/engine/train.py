@@ -147,12 +147,14 @@ class Trainer:
                 self.grad_scaler.unscale_(self.optimizer)
             grad_norm = self.clipper(self.params)
         lr = float(self.optimizer.param_groups[self._lr_group]["lr"])
+        self._updating = True  # parameters and optimizer state change together from here
         if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             self.optimizer.step()
         self.scheduler.step()
+        self._updating = False
         stats = {"total_loss": float(losses.detach()), "lr": lr}
         stats.update({k: float(v.detach()) for k, v in loss_dict.items()})
         if grad_norm is not None:
@@ -179,7 +181,11 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Run the remaining iterations (nothing when ``start_iter >= max_iter``)."""
+        """Run the remaining iterations (nothing when ``start_iter >= max_iter``).
+
+        If the loop stops on an error (a corrupt data file, Ctrl-C, ...), the last finished iteration is
+        checkpointed first (unless it already is), so ``--resume`` loses no work.
+        """
         if self.start_iter >= self.max_iter:
             logger.info(
                 "iteration %d of %d already reached: nothing to train", self.start_iter, self.max_iter
@@ -194,25 +200,56 @@ class Trainer:
         redirect = logging_redirect_tqdm() if show else contextlib.nullcontext()
         started = time.perf_counter()
         data: Iterator[list[dict[str, Any]]] = iter(self.data_loader)
-        with bar, redirect:
-            for iteration in range(self.start_iter, self.max_iter):
-                self.iter = iteration
-                t0 = time.perf_counter()
-                batch = next(data)
-                data_time = time.perf_counter() - t0
-                stats = self.run_step(batch)
-                step_time = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{stats['total_loss']:.4f}", lr=f"{stats['lr']:.2e}", refresh=False)
-                bar.update(1)
-                done = iteration + 1
-                if iteration == self.start_iter or done % self.log_period == 0 or done == self.max_iter:
-                    self._log(iteration, stats, step_time, data_time, started)
-                if self.checkpoint_period > 0 and done % self.checkpoint_period == 0:
-                    self.save_checkpoint(iteration, checkpoint_file_name(iteration))
-                if done == self.max_iter:
-                    self.save_checkpoint(iteration, "model_final.pth")
-                elif self.evaluate is not None and self.eval_period > 0 and done % self.eval_period == 0:
-                    self.evaluate(iteration)
+        self._completed = self._saved = self.start_iter - 1  # last iteration finished / checkpointed
+        self._updating = False
+        try:
+            with bar, redirect:
+                for iteration in range(self.start_iter, self.max_iter):
+                    self._iteration(iteration, data, bar, started)
+        except BaseException:
+            self._save_on_error()
+            raise
+
+    def _iteration(
+        self, iteration: int, data: Iterator[list[dict[str, Any]]], bar: Any, started: float
+    ) -> None:
+        self.iter = iteration
+        t0 = time.perf_counter()
+        batch = next(data)
+        data_time = time.perf_counter() - t0
+        stats = self.run_step(batch)
+        self._completed = iteration
+        step_time = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{stats['total_loss']:.4f}", lr=f"{stats['lr']:.2e}", refresh=False)
+        bar.update(1)
+        done = iteration + 1
+        if iteration == self.start_iter or done % self.log_period == 0 or done == self.max_iter:
+            self._log(iteration, stats, step_time, data_time, started)
+        if self.checkpoint_period > 0 and done % self.checkpoint_period == 0:
+            self.save_checkpoint(iteration, checkpoint_file_name(iteration))
+            self._saved = iteration
+        if done == self.max_iter:
+            self.save_checkpoint(iteration, "model_final.pth")
+            self._saved = iteration
+        elif self.evaluate is not None and self.eval_period > 0 and done % self.eval_period == 0:
+            self.evaluate(iteration)
+
+    def _save_on_error(self) -> None:
+        """Checkpoint the last finished iteration after an error, unless it is saved already or the error
+        hit a parameter update (then the state is not that of a finished iteration)."""
+        completed = self._completed
+        if completed <= self._saved or self._updating:
+            return
+        try:
+            self.save_checkpoint(completed, checkpoint_file_name(completed))
+        except Exception:  # noqa: BLE001 - the original error matters more; say that this failed too
+            logger.exception("could not save a checkpoint after the error")
+            return
+        logger.warning(
+            "stopped by an error after iteration %d; saved %s (--resume continues from there)",
+            completed + 1,
+            checkpoint_file_name(completed),
+        )
 
     def _log(
         self, iteration: int, stats: dict[str, float], step_time: float, data_time: float, started: float

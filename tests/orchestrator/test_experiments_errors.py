@@ -1,0 +1,124 @@
+"""Every problem that experiments.py can find before the first image: found, named, no traceback."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from engine_testlib import single_thread
+from safetensors.torch import load_file, save_file
+from semla_world import World, experiments_main, write_tiny_hf_clip
+
+pytestmark = pytest.mark.slow
+
+
+class InferenceRan(Exception):
+    """Raised by the patched model: the run reached inference."""
+
+
+@pytest.fixture
+def no_inference(monkeypatch) -> None:  # noqa: ANN001
+    from cat_seg.modeling.cat_seg import CATSeg
+
+    def forbidden(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise InferenceRan("a forward pass ran before the problem was reported")
+
+    monkeypatch.setattr(CATSeg, "forward", forbidden)
+
+
+def _copy_library(world: World, folder: Path) -> Path:
+    return Path(shutil.copytree(world.library, folder / "loradb"))
+
+
+def _set(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def _unknown_target(world: World, tmp: Path) -> list[str]:
+    path = tmp / "targets.yaml"
+    path.write_text("- acdc-rain\n- acdc-rian\n")
+    return _set(world.args(tmp / "out", "semla"), "--target_domains", str(path))
+
+
+def _missing_dataset_folder(world: World, tmp: Path) -> list[str]:
+    root = Path(shutil.copytree(world.root, tmp / "data"))
+    shutil.rmtree(root / "muses" / "frame_camera" / "val")
+    return _set(world.args(tmp / "out", "zeroshot"), "--datasets_root", str(root))
+
+
+def _missing_adapter(world: World, tmp: Path) -> list[str]:
+    library = _copy_library(world, tmp)
+    shutil.rmtree(library / "a150")
+    return _set(world.args(tmp / "out", "uniform"), "--lora_library_path", str(library))
+
+
+def _nan_adapter(world: World, tmp: Path) -> list[str]:
+    library = _copy_library(world, tmp)
+    path = library / "muses-fog-day" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    return _set(world.args(tmp / "out", "uniform"), "--lora_library_path", str(library))
+
+
+def _statistics_of_another_embedder(world: World, tmp: Path) -> list[str]:
+    other = write_tiny_hf_clip(tmp / "other_clip", seed=1)  # same architecture, other weights
+    return _set(world.args(tmp / "out", "semla"), "--embedding_model", str(other))
+
+
+def _semla_config_typo(world: World, tmp: Path) -> list[str]:
+    path = tmp / "semla.yaml"
+    path.write_text("distance_measure_name: euclidean\ntemprature: 0.05\ntop_k: 5\n")
+    return world.args(tmp / "out", "semla", extra=("--semla_config", str(path)))
+
+
+def _missing_checkpoint(world: World, tmp: Path) -> list[str]:
+    return _set(world.args(tmp / "out", "zeroshot"), "--model_weights", str(tmp / "model_final.pth"))
+
+
+CASES: dict[str, tuple[Callable[[World, Path], list[str]], str]] = {
+    "unknown domain": (_unknown_target, r"unknown domain 'acdc-rian'; did you mean acdc-rain"),
+    "missing dataset folder": (_missing_dataset_folder, r"target muses-fog-day: muses-fog-day_sem_seg_val is not usable"),
+    "missing adapter": (_missing_adapter, r"adapter 'a150' \(a source domain\) not found: .*a150/adapter_config.json"),
+    "NaN adapter": (_nan_adapter, r"adapter 'muses-fog-day', module .*NaN or Inf"),
+    "statistics of another embedder": (_statistics_of_another_embedder, r"source 'acdc-rain': .*made by another embedder"),
+    "semla_config typo": (_semla_config_typo, r"unknown key 'temprature'; did you mean 'temperature'\?"),
+    "missing checkpoint": (_missing_checkpoint, r"CAT-Seg checkpoint .*model_final.pth not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_before_inference(world: World, tmp_path: Path, case: str, capsys, no_inference) -> None:  # noqa: ANN001
+    make_args, message = CASES[case]
+    args = make_args(world, tmp_path)
+    with single_thread():
+        status = experiments_main()(args)
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert err.startswith("experiments.py: error: "), err
+    assert __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    out = tmp_path / "out"
+    assert not (out / "metrics.json").exists() and not (out / "progress").exists()
+
+
+def test_every_problem_is_reported_at_once(world: World, tmp_path: Path, capsys, no_inference) -> None:  # noqa: ANN001
+    args = _missing_checkpoint(world, tmp_path)
+    typo = tmp_path / "semla.yaml"
+    typo.write_text("top_k: 0\n")
+    args = [*args, "--semla_config", str(typo)]
+    assert experiments_main()(args) == 1
+    err = capsys.readouterr().err
+    assert "2 problems:" in err and "top_k must be an integer >= 1" in err and "not found" in err
+
+
+def test_debug_shows_the_traceback(world: World, tmp_path: Path) -> None:
+    from domain_orchestrator.orchestrator import ExperimentError
+
+    with pytest.raises(ExperimentError, match="not found"):
+        experiments_main()([*_missing_checkpoint(world, tmp_path), "--debug"])
