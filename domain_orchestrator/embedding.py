@@ -249,6 +249,15 @@ def _module_tensors(module: nn.Module, prefix: str = "") -> dict[str, Tensor]:
     return out
 
 
+def _version_key(tensors: dict[str, Tensor]) -> tuple | None:
+    """Changes whenever a tensor is modified in place or replaced; None if it cannot be tracked
+    (inference-mode tensors keep no version counter)."""
+    try:
+        return tuple((name, t.data_ptr(), t._version) for name, t in sorted(tensors.items()))
+    except RuntimeError:
+        return None
+
+
 def _vit_name(patch: int, resolution: int, width: int, layers: int) -> str:
     return f"vit-p{patch}-{resolution}-w{width}-l{layers}"
 
@@ -351,8 +360,8 @@ class ImageEmbedder(abc.ABC):
         was modified in place or replaced since.
         """
         meta, tensors = self._identity_parts()
-        key = tuple((name, t.data_ptr(), t._version) for name, t in sorted(tensors.items()))
-        if self._identity_cache is None or self._identity_cache[0] != key:
+        key = _version_key(tensors)
+        if key is None or self._identity_cache is None or self._identity_cache[0] != key:
             meta = {"kind": self.kind, "name": self.name, "dim": self.dim, **meta}
             identity = {"kind": self.kind, "name": self.name, "dim": self.dim}
             identity["digest"] = tensor_digest(meta, tensors)

@@ -309,6 +309,10 @@ def test_catseg_is_the_projected_cls_feature_and_leaves_the_model_alone(image_fi
         model.clip_model.visual.proj[0, 0] += 1.0
     assert embedder.identity["digest"] != identity["digest"]
 
+    with torch.inference_mode():  # inference tensors have no version counter: recomputed every time
+        model.clip_model.visual.register_buffer("extra", torch.zeros(2))
+    assert embedder.identity == embedder.identity
+
 
 def test_catseg_refuses_fused_or_peft_layers_and_a_missing_model() -> None:
     model = build_tiny()
