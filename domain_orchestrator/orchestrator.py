@@ -618,7 +618,8 @@ class _Session:
             problems.append(f"--embedding_model {spec}: {e}")
             embedder = None
         vectors = []
-        unverified = []
+        unverified: list[str] = []
+        foreign: dict[str, list[str]] = {}  # embedder description -> sources whose statistics it made
         for name in self.plan.sources:
             folder = self.plan.library_path / name
             try:
@@ -639,12 +640,13 @@ class _Session:
             elif metadata is None or "embedder" not in metadata:
                 unverified.append(name)
             elif not same_embedder(metadata["embedder"], embedder.identity):
-                problems.append(
-                    f"source {name!r}: {statistics_path(folder, name)} was made by another embedder "
-                    f"({_describe(metadata['embedder'])}) than --embedding_model {spec} "
-                    f"({_describe(embedder.identity)}); recompute the statistics with this embedder "
-                    "(generate_embeddings.py --overwrite) or pass the embedder that made them"
-                )
+                foreign.setdefault(_describe(metadata["embedder"]), []).append(name)
+        for made_by, names in foreign.items():
+            problems.append(
+                f"the statistics of {', '.join(names)} (in {self.plan.library_path}) were made by another embedder "
+                f"({made_by}) than --embedding_model {spec} ({_describe(embedder.identity)}); recompute them "
+                "with this embedder (generate_embeddings.py --overwrite) or pass the embedder that made them"
+            )
         if unverified and self.info.is_main:
             logger.warning(
                 "the statistics of %s record no embedder (made by the original code or released with it); "
@@ -672,8 +674,8 @@ class _Session:
         model.set_class_names(test=_class_names(target.cfg))
         model.sliding_window = bool(target.cfg.TEST.SLIDING_WINDOW)
         mapper = mapper_from_cfg(target.cfg, is_train=False, num_classes=spec.num_classes)
-        sampler = InferenceSampler(len(target.records), rank=info.rank, world_size=info.world_size)
-        shard = target.records[sampler.begin : sampler.end]
+        begin, end = _shard(len(target.records), settings.batch_size, info)
+        shard = target.records[begin:end]
         state = self._load_progress(target, len(shard))
         evaluators = {}
         for experiment in plan.experiments:
@@ -721,7 +723,7 @@ class _Session:
                 self._save_progress(target, state, len(shard))
             semla_rows = to_library(self._semla_weights(state.embeddings, exclude))
             if settings.text_features == "reference":
-                first = state.embeddings[:1] if sampler.begin == 0 and len(shard) else None
+                first = state.embeddings[:1] if begin == 0 and len(shard) else None
                 if first is None:  # the target's first image is in another process's shard
                     first = torch.from_numpy(self._embed([target.records[0]["file_name"]], "first image"))
                 first_row = to_library(self._semla_weights(first, exclude))
@@ -836,7 +838,10 @@ class _Session:
         settings = self.plan.settings
         return self.embedder.embed_files(
             files,
-            batch_size=max(settings.batch_size, 16),
+            # One image per forward pass, as the original: a vector must not depend on which images share
+            # its batch (batched matmuls round differently), so that results do not depend on the number
+            # of processes or on --batch_size.
+            batch_size=1,
             num_workers=settings.num_workers or 0,
             progress=settings.progress and self.info.is_main,
             desc=desc,
@@ -920,6 +925,17 @@ def _image_weights(
     except ValueError:
         image = file_name.as_posix()
     return ImageWeights(image, tuple(names[i] for i in kept), tuple(float(row[i]) for i in kept))
+
+
+def _shard(num_images: int, batch_size: int, info: DistInfo) -> tuple[int, int]:
+    """This process's contiguous share of a target's images, in whole batches.
+
+    The images are cut into batches first and the batches are shared out (detectron2's split: the first
+    ranks get one more), so every image is predicted in the same batch whatever the number of
+    processes, and the outputs equal a one-process run.
+    """
+    sampler = InferenceSampler(math.ceil(num_images / batch_size), rank=info.rank, world_size=info.world_size)
+    return min(sampler.begin * batch_size, num_images), min(sampler.end * batch_size, num_images)
 
 
 def _configure_threads(device: torch.device, world_size: int) -> None:

@@ -79,11 +79,19 @@ def test_outputs_are_well_formed(world: World, four: Path) -> None:
     rows = {line.split()[0]: line.split() for line in (four / "summary.txt").read_text().splitlines()[2:5]}
     for i, experiment in enumerate(ALL):
         for target in TARGETS:
-            assert float(rows[target][2 + i]) == round(read_json(four / experiment / "results.json")[target], 2)
+            assert float(rows[target][2 + i]) == round(
+                read_json(four / experiment / "results.json")[target], 2
+            )
     run_config = read_json(four / "run_config.json")
     assert run_config["embedder"]["kind"] == "hf_clip"
     assert [a["name"] for a in run_config["adapters"]] == SOURCES
     assert not (four / "progress").exists() or not any((four / "progress").iterdir())
+
+
+# Fused (ours) and PEFT compute the same sums in another order, so probabilities differ at float32
+# rounding (~1e-7); the random tiny model has many near-ties between classes, so an argmax can flip on a
+# handful of pixels, moving a percentage by ~1e-4. The adapters themselves move the numbers by 0.1-1 point.
+TOLERANCE = 0.01  # percentage points
 
 
 def _same_metrics(a: dict, b: dict) -> None:
@@ -91,8 +99,10 @@ def _same_metrics(a: dict, b: dict) -> None:
     for key in a:
         if isinstance(a[key], float) and math.isnan(a[key]):
             assert math.isnan(b[key]), key
+        elif key == "num_images":
+            assert a[key] == b[key]
         else:
-            assert a[key] == pytest.approx(b[key], abs=1e-9), key
+            assert a[key] == pytest.approx(b[key], abs=TOLERANCE), key
 
 
 def test_oracle_equals_eval_lora(world: World, four: Path) -> None:
@@ -111,7 +121,9 @@ def _target_model(world: World, target: str):  # noqa: ANN202
 def _peft(model, world: World):  # noqa: ANN001, ANN202
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(model), world.library / SOURCES[0], adapter_name=SOURCES[0])
+    peft_model = PeftModel.from_pretrained(
+        copy.deepcopy(model), world.library / SOURCES[0], adapter_name=SOURCES[0]
+    )
     for name in SOURCES[1:]:
         peft_model.load_adapter(world.library / name, adapter_name=name)
     return peft_model.eval()
@@ -133,7 +145,8 @@ def test_uniform_equals_peft_merge_of_equal_weights(world: World, four: Path) ->
 
 
 def test_semla_weights_equal_recomputation(world: World, four: Path) -> None:
-    """weights.json = semla_weights(1 / ||x - p||, top 5, T 0.05) from the saved statistics and embeddings."""
+    """weights.json = semla_weights(1 / ||x - p||, top 5, T 0.05) from the saved statistics and embeddings
+    (computed one image per forward pass, as experiments.py does)."""
     from domain_orchestrator.embedding import load_embedder
 
     embedder = load_embedder(str(world.clip), device="cpu")
@@ -142,7 +155,9 @@ def test_semla_weights_equal_recomputation(world: World, four: Path) -> None:
         assert read_statistics_metadata(world.library / source, source)["embedder"] == embedder.identity
     saved = read_json(four / "semla" / "weights.json")
     for target in TARGETS:
-        embeddings = torch.from_numpy(embedder.embed_files(val_files(world, target), progress=False))
+        embeddings = torch.from_numpy(
+            embedder.embed_files(val_files(world, target), batch_size=1, progress=False)
+        )
         weights = semla_weights(scores(embeddings, prototypes, "euclidean"), 5, 0.05)
         for row, entry in zip(weights, saved[target].values()):
             expected = {SOURCES[i]: float(w) for i, w in enumerate(row) if w > 0}
@@ -155,7 +170,9 @@ def test_statistics_are_the_mean_embedding_of_the_training_images(world: World) 
     embedder = load_embedder(str(world.clip), device="cpu")
     files = [r["file_name"] for r in load_records("muses-fog-day_sem_seg_train", world.root)]
     expected = embedder.embed_files(files, progress=False).astype(np.float64).mean(axis=0)
-    np.testing.assert_allclose(read_statistics(world.library / "muses-fog-day", "muses-fog-day"), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        read_statistics(world.library / "muses-fog-day", "muses-fog-day"), expected, rtol=1e-6
+    )
     metadata = read_statistics_metadata(world.library / "muses-fog-day", "muses-fog-day")
     assert metadata["num_images"] == 3 and metadata["dataset"] == "muses-fog-day_sem_seg_train"
 
@@ -166,7 +183,9 @@ def test_reference_text_policy_equals_the_original_peft_loop(world: World, tmp_p
     features computed under the first image's merged adapter and reused."""
     targets = tmp_path / "targets.yaml"
     targets.write_text("- acdc-rain\n")
-    args = world.args(tmp_path / "out", "semla", extra=("--text_features", "reference", "--remove_target_adapter"))
+    args = world.args(
+        tmp_path / "out", "semla", extra=("--text_features", "reference", "--remove_target_adapter")
+    )
     args[args.index("--target_domains") + 1] = str(targets)
     with single_thread():
         assert experiments_main()(args) == 0
@@ -219,7 +238,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_outputs(
     progress = torch.load(out / "progress" / "muses-fog-day.rank0.pt", weights_only=True)
     assert progress["position"] == 1 and progress["embeddings"].shape == (3, 16)
     assert _run(world, out, *ALL, extra=("--resume",)) == 0
-    for name in ["metrics.json", *(f"{e}/results.json" for e in ALL), "uniform/weights.json", "semla/weights.json"]:
+    for name in [
+        "metrics.json",
+        *(f"{e}/results.json" for e in ALL),
+        "uniform/weights.json",
+        "semla/weights.json",
+    ]:
         assert (out / name).read_bytes() == (four / name).read_bytes(), name
     assert not list((out / "progress").glob("*.pt"))
     # A finished run resumed again does nothing and leaves the outputs as they are.
@@ -231,7 +255,12 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_outputs(
 def test_two_processes_give_the_one_process_outputs(world: World, four: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _run(world, out, *ALL, extra=("--num_processes", "2")) == 0
-    for name in ["metrics.json", *(f"{e}/results.json" for e in ALL), "uniform/weights.json", "semla/weights.json"]:
+    for name in [
+        "metrics.json",
+        *(f"{e}/results.json" for e in ALL),
+        "uniform/weights.json",
+        "semla/weights.json",
+    ]:
         assert (out / name).read_bytes() == (four / name).read_bytes(), name
     assert read_json(out / "run_config.json")["world_size"] == 2
 
