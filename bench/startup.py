@@ -80,7 +80,7 @@ COMMANDS: list[Command] = [
     Command('python -c "import open_clip"', ("-c", "import open_clip"), tool=False),
     Command("train_net.py --help", ("{catseg}/train_net.py", "--help")),
     Command(
-        "train_net.py --eval-only, tiny config, until inference starts",
+        "train_net.py --eval-only, tiny config, 1 image: to the first forward",
         (
             "{catseg}/train_net.py",
             "--config-file",
@@ -94,7 +94,10 @@ COMMANDS: list[Command] = [
             "{weights}",
         ),
         target=True,
-    ),  # fmt: skip
+        # Logged once the model is built on meta and checked, the class names tokenised, the model built
+        # on the CPU and the checkpoint loaded: just before the first forward pass.
+        until="evaluating on acdc-rain_sem_seg_val",
+    ),
     Command(
         "python -m cat_seg.data.validate, synthetic root (40 splits)",
         ("-m", "cat_seg.data.validate", "--root", "{data}"),
@@ -251,26 +254,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def render(results: dict, modes: Sequence[str], codes: Sequence[str]) -> str:
-    """A Markdown table: one row per (command, code), two columns per mode."""
-    median = {(r["mode"], r["command"], r["code"]): r["median_s"] for r in results["rows"]}
+    """A Markdown table: one row per (command, code), two columns per mode.
+
+    A command timed ``until`` a line also gets a row for its whole run (same processes).
+    """
+    rows = {(r["mode"], r["command"], r["code"]): r for r in results["rows"]}
     head = (
         "| command | code |" + "".join(f" {m}: median | {m}: torch import + |" for m in modes) + " target |"
     )
     lines = [head, "|---|---|" + "---:|---:|" * len(modes) + "---|"]
+
+    def line(command: Command, code: str, key: str, name: str, target: bool) -> str:
+        cells, met = [], True
+        for mode in modes:
+            t = rows[mode, command.name, code][key]
+            base = rows[mode, TORCH.name, "this tree"]["median_s"]
+            cells.append(f" {t:.2f} s | {'' if command is TORCH else f'{t - base:+.2f} s'} |")
+            met = met and t - base <= TARGET_S
+        goal = f"<= +{TARGET_S:.0f} s: {'met' if met else 'not met'}" if target else ""
+        return f"| {name} | {code} |{''.join(cells)} {goal} |"
+
     for command in COMMANDS:
         for code in codes if command.tool else ["this tree"]:
-            cells = []
-            for mode in modes:
-                t, base = median[(mode, command.name, code)], median[(mode, TORCH.name, "this tree")]
-                cells.append(f" {t:.2f} s | {'' if command is TORCH else f'{t - base:+.2f} s'} |")
-            goal = ""
-            if command.target:
-                met = all(
-                    median[(m, command.name, code)] - median[(m, TORCH.name, "this tree")] <= TARGET_S
-                    for m in modes
-                )
-                goal = f"<= +{TARGET_S:.0f} s: {'met' if met else 'not met'}"
-            lines.append(f"| {command.name} | {code} |{''.join(cells)} {goal} |")
+            lines.append(line(command, code, "median_s", command.name, command.target))
+            if command.until is not None:
+                whole = f"{command.name.split(':')[0]}: whole run"
+                lines.append(line(command, code, "median_whole_run_s", whole, False))
     return "\n".join(lines)
 
 
