@@ -51,9 +51,12 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Ten
     inside a window: their pair gets -100 (as in Swin), others 0.
 
     Returns:
-        (nW, window * window, window * window) float mask, nW = (H / window) * (W / window).
+        (nW, window * window, window * window) float mask, nW = (H / window) * (W / window), on the
+        default device.
     """
-    region = torch.zeros(1, height, width, 1)
+    # Computed on the CPU and then moved: on the meta device (a shapes-only build) this indexing runs
+    # Python decompositions that import torch._dynamo, seconds of start-up for a constant.
+    region = torch.zeros(1, height, width, 1, device="cpu")
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     label = 0
     for hs in bounds:
@@ -62,7 +65,8 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Ten
             label += 1
     ids = window_partition(region, window).squeeze(-1)  # (nW, window*window)
     diff = ids.unsqueeze(1) - ids.unsqueeze(2)
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+    mask = diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
+    return mask.to(torch.get_default_device())
 
 
 class WindowAttention(nn.Module):

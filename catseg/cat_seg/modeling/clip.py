@@ -218,6 +218,23 @@ class Transformer(nn.Module):
         return x, [wanted[int(i) % len(self.resblocks)] for i in intermediates]
 
 
+def _building_on_meta() -> bool:
+    """Whether new tensors go to the meta device (a shapes-only build, ``build_model(cfg, "meta")``).
+
+    Random initialisation is skipped there: meta tensors hold no values, and on meta ``randn``,
+    ``normal_`` and products with a scalar run Python decompositions that import sympy and
+    ``torch._dynamo`` (about 6 s of start-up for every command that checks a model on meta first).
+    """
+    return torch.get_default_device().type == "meta"
+
+
+def _scaled_randn(scale: float, *shape: int) -> Tensor:
+    """``scale * torch.randn(*shape)``, uninitialised on meta (see :func:`_building_on_meta`)."""
+    if _building_on_meta():
+        return torch.empty(*shape)
+    return scale * torch.randn(*shape)
+
+
 class VisionTransformer(nn.Module):
     """CLIP ViT image tower.
 
@@ -239,9 +256,9 @@ class VisionTransformer(nn.Module):
         self.output_dim = output_dim
         grid = image_size // patch_size
         scale = width**-0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.class_embedding = nn.Parameter(_scaled_randn(scale, width))
+        self.positional_embedding = nn.Parameter(_scaled_randn(scale, grid * grid + 1, width))
+        self.proj = nn.Parameter(_scaled_randn(scale, width, output_dim))
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, layers, heads)
@@ -300,7 +317,8 @@ class CLIP(nn.Module):
         self.context_length = config.context_length
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.text_width))
         self.text_projection = nn.Parameter(torch.empty(config.text_width, config.embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        # full(), not ones() * x: see _building_on_meta.
+        self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
         self.visual = VisionTransformer(
             image_size=config.image_size,
             patch_size=config.vision_patch_size,
@@ -310,13 +328,17 @@ class CLIP(nn.Module):
             output_dim=config.embed_dim,
         )
         self.transformer = Transformer(config.text_width, config.text_layers, config.text_heads, causal=True)
-        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
+        # On meta, a given (empty) weight skips nn.Embedding's own normal_ init (see _building_on_meta).
+        empty = torch.empty(config.vocab_size, config.text_width) if _building_on_meta() else None
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width, _weight=empty)
         self.ln_final = nn.LayerNorm(config.text_width)
         self.init_parameters()
 
     @torch.no_grad()
     def init_parameters(self) -> None:
-        """Random initialisation following the CLIP recipe (used for tiny models and tests)."""
+        """Random initialisation following the CLIP recipe (used for tiny models and tests); none on meta."""
+        if self.token_embedding.weight.is_meta:
+            return
         c = self.config
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)

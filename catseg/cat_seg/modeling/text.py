@@ -1,4 +1,4 @@
-"""Class-name prompts and tokenisation (open_clip's CLIP BPE tokenizer, bundled with the package)."""
+"""Class-name prompts and tokenisation (CLIP's BPE tokenizer, ``tokenizer.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .tokenizer import tokenize as clip_tokenize
 
 _TEMPLATES_FILE = Path(__file__).with_name("prompt_templates.json")
 
@@ -35,16 +37,12 @@ def prompt_templates(kind: str) -> list[str]:
     return templates[kind]
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(context_length: int):  # noqa: ANN202 - open_clip type
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer(context_length=context_length)
-
-
 def tokenize(texts: Sequence[str], context_length: int = 77) -> Tensor:
-    """CLIP BPE tokens, (N, context_length) int64, start/end-of-text added, zero padded."""
-    return _tokenizer(context_length)(list(texts), context_length=context_length)
+    """CLIP BPE tokens, (N, context_length) int64, start/end-of-text added, zero padded.
+
+    Equals ``open_clip.tokenize``; our own tokenizer, so that tokenising does not import open_clip.
+    """
+    return clip_tokenize(list(texts), context_length)
 
 
 def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
