@@ -204,8 +204,8 @@ def test_every_yaml_loads(path: Path) -> None:
 
 def test_config_tree_mirrors_reference() -> None:
     names = {str(p.relative_to(CONFIGS)) for p in ALL_YAMLS}
-    assert len(names) == 47 + 2  # the reference's 47 files plus tiny/tiny.yaml and tiny/tiny_a150.yaml
-    assert {"tiny/tiny.yaml", "tiny/tiny_a150.yaml", "acdc/acdc_base.yaml", "coconutL/coconutL.yaml"} <= names
+    assert len(names) == 47 + 3  # the reference's 47 files plus tiny/tiny{,_model,_a150}.yaml
+    assert {"tiny/tiny.yaml", "tiny/tiny_model.yaml", "tiny/tiny_a150.yaml", "acdc/acdc_base.yaml"} <= names
 
 
 @needs_fixtures
