@@ -46,6 +46,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from cat_seg.progress import progress as report_progress
+
 if TYPE_CHECKING:
     from cat_seg.modeling import CATSeg
 
@@ -418,15 +420,13 @@ class ImageEmbedder(abc.ABC):
             paths: image files; every one must be readable (none is skipped).
             batch_size: images per forward pass.
             num_workers: DataLoader worker processes decoding images (0 = in this process).
-            progress: show a tqdm progress bar.
+            progress: show progress (a bar on a terminal, else a log line every 30 s).
             desc: its label.
         Returns:
             (N, D) float32, row i the embedding of ``paths[i]``.
         Raises:
             EmbeddingError: naming the first file (in order of its batch) that cannot be read.
         """
-        from tqdm.auto import tqdm
-
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -443,12 +443,19 @@ class ImageEmbedder(abc.ABC):
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
-        with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress) as bar:
-            for indices, pixels, errors in loader:
-                if errors:
-                    raise EmbeddingError(errors[0])
-                out[indices] = self.embed_batch(pixels).numpy()
-                bar.update(len(indices))
+        batches = report_progress(
+            loader,
+            total=len(paths),
+            desc=desc,
+            unit="img",
+            enabled=progress,
+            log=logger,
+            weight=lambda b: len(b[0]),
+        )
+        for indices, pixels, errors in batches:
+            if errors:
+                raise EmbeddingError(errors[0])
+            out[indices] = self.embed_batch(pixels).numpy()
         return out
 
 

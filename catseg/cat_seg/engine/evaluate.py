@@ -42,6 +42,7 @@ from ..data import (
 )
 from ..data.transforms import resize_nearest_exact
 from ..evaluation import SemSegEvaluator
+from ..progress import progress as report_progress
 from .io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def inference_on_dataset(
     *,
     text_features: Tensor | None = None,
     resize_to_label: bool = False,
+    desc: str = "evaluation",
+    progress: bool = True,
 ) -> dict[str, dict[str, float | int]]:
     """Predict every batch of ``loader`` and return ``evaluator.evaluate()``.
 
@@ -144,6 +147,8 @@ def inference_on_dataset(
         text_features: (T, P, C) class-text features; computed once here when None.
         resize_to_label: bring predictions to the label size (nearest-exact) when they differ (the
             resized Cityscapes mapper); otherwise a size mismatch is an error of the evaluator.
+        desc: what is evaluated, for the progress output.
+        progress: show progress on rank 0 (a bar on a terminal, else a log line every 30 s).
     Returns:
         ``{"sem_seg": {...}}`` as :meth:`SemSegEvaluator.evaluate` returns it.
     """
@@ -154,7 +159,18 @@ def inference_on_dataset(
         if text_features is None:
             text_features = catseg.text_features()
         start, count = time.perf_counter(), 0
-        for batch in loader:
+        sampler = getattr(loader, "sampler", None)  # a DataLoader's sampler yields this process's images
+        total = len(sampler) if sampler is not None and hasattr(sampler, "__len__") else None
+        batches = report_progress(
+            loader,
+            total=total,
+            desc=desc,
+            unit="img",
+            enabled=progress and _is_main_process(),
+            log=logger,
+            weight=len,
+        )
+        for batch in batches:
             outputs = catseg(batch, text_features=text_features)
             for inputs, output in zip(batch, outputs):
                 if "sem_seg" not in inputs:
@@ -164,7 +180,14 @@ def inference_on_dataset(
                 evaluator.process(pred, label, name=str(inputs.get("file_name")))
                 count += 1
         seconds = time.perf_counter() - start
-        logger.info("predicted %d images in %.1f s (%.3f s/image)", count, seconds, seconds / max(count, 1))
+        here = (
+            " in this process"
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            else ""
+        )
+        logger.info(
+            "predicted %d images%s in %.1f s (%.3f s/image)", count, here, seconds, seconds / max(count, 1)
+        )
     finally:
         catseg.train(was_training)
     return evaluator.evaluate()
@@ -227,7 +250,9 @@ def evaluate_datasets(
         )
         logger.info("evaluating on %s (%d images)", name, len(dataset_records))
         # text_features=None: computed once for the dataset inside inference_on_dataset
-        result = inference_on_dataset(catseg, loader, evaluator, resize_to_label=spec.resize_to is not None)
+        result = inference_on_dataset(
+            catseg, loader, evaluator, resize_to_label=spec.resize_to is not None, desc=name
+        )
         results[name] = result
         key, value = reported_metric(result["sem_seg"])
         logger.info("%s: %s = %.2f", name, key, value)

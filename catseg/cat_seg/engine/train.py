@@ -202,6 +202,9 @@ class Trainer:
         data: Iterator[list[dict[str, Any]]] = iter(self.data_loader)
         self._completed = self._saved = self.start_iter - 1  # last iteration finished / checkpointed
         self._updating = False
+        # Without a progress bar (no terminal), a log line at least every 30 s as well.
+        self._log_every_s = None if show else 30.0
+        self._last_log = time.perf_counter()
         try:
             with bar, redirect:
                 for iteration in range(self.start_iter, self.max_iter):
@@ -225,6 +228,8 @@ class Trainer:
         done = iteration + 1
         if iteration == self.start_iter or done % self.log_period == 0 or done == self.max_iter:
             self._log(iteration, stats, step_time, data_time, started)
+        elif self._log_every_s is not None and time.perf_counter() - self._last_log >= self._log_every_s:
+            self._progress_line(iteration, stats, started)
         if self.checkpoint_period > 0 and done % self.checkpoint_period == 0:
             self.save_checkpoint(iteration, checkpoint_file_name(iteration))
             self._saved = iteration
@@ -251,10 +256,29 @@ class Trainer:
             checkpoint_file_name(completed),
         )
 
+    def _progress_line(self, iteration: int, stats: dict[str, float], started: float) -> None:
+        """A log line between the regular ones (no terminal, slow iterations): this process's loss, no
+        collective call (each process decides from its own clock) and no metrics record."""
+        self._last_log = time.perf_counter()
+        if not is_main_process():
+            return
+        seconds_per_iter = (time.perf_counter() - started) / (iteration + 1 - self.start_iter)
+        eta = seconds_per_iter * (self.max_iter - iteration - 1)
+        logger.info(
+            "iter %d/%d  loss %.4f (this process)  lr %.3g  %.3f s/it  eta %s",
+            iteration + 1,
+            self.max_iter,
+            stats["total_loss"],
+            stats["lr"],
+            seconds_per_iter,
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
+
     def _log(
         self, iteration: int, stats: dict[str, float], step_time: float, data_time: float, started: float
     ) -> None:
         """Log one line and one metrics record (losses averaged over processes: a collective call)."""
+        self._last_log = time.perf_counter()
         losses = {k: reduce_mean(v, self.device) for k, v in stats.items() if "loss" in k}
         done = iteration + 1 - self.start_iter
         seconds_per_iter = (time.perf_counter() - started) / done
