@@ -21,6 +21,7 @@ from cat_seg.data import (
     write_synthetic,
 )
 from cat_seg.data.layouts import DEFAULT_NYU_SPLITS_DIR, scan_nyu
+from cat_seg.data.prepare import main as prepare_main
 
 # dataset family -> function(image path) -> expected label path (the layout's naming rule)
 LABEL_RULES = {
@@ -171,16 +172,19 @@ def test_coconut_without_json_lists_labels_and_objects365_entries(fresh_root) ->
     assert record["sem_seg_file_name"].endswith("panoptic_semseg_train2017/objects365_v1_00000001.png")
 
 
-def test_prepare_ade20k_reproduces_detectron2_annotations(fresh_root) -> None:
+def test_prepare_ade20k_reproduces_detectron2_annotations(fresh_root, capsys) -> None:  # noqa: ANN001
     root = fresh_root("ade20k", num_images=2)
     d2 = root / "ADEChallengeData2016" / "annotations_detectron2"
     expected = {p.relative_to(d2): read_label(p) for p in sorted(d2.rglob("*.png"))}
     for p in d2.rglob("*.png"):
         p.unlink()
-    assert prepare_ade20k(root) == len(expected) == 4
+    assert prepare_ade20k(root) == (len(expected), 0) == (4, 0)
     for rel, label in expected.items():
         np.testing.assert_array_equal(read_label(d2 / rel), label)
-    assert prepare_ade20k(root) == 0  # existing files are kept
+    assert prepare_ade20k(root) == (0, 4)  # existing files are kept (and counted as such)
+    assert prepare_main(["ade20k", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "wrote 0 label files under" in out and "kept 4 existing ones (--overwrite rewrites them)" in out
 
 
 def _digest(files: list[Path]) -> str:

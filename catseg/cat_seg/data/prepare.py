@@ -36,28 +36,30 @@ def ade20k_to_detectron2(label: np.ndarray) -> np.ndarray:
     return (np.asarray(label).astype(np.int64) - 1).astype(np.uint8)  # 0 - 1 wraps to 255 as uint8
 
 
-def prepare_ade20k(root: str | Path, *, overwrite: bool = False) -> int:
+def prepare_ade20k(root: str | Path, *, overwrite: bool = False) -> tuple[int, int]:
     """Write ``ADEChallengeData2016/annotations_detectron2/{training,validation}`` from ``annotations/``.
 
     Args:
         root: dataset root holding ``ADEChallengeData2016/``.
         overwrite: rewrite files that already exist (otherwise they are kept).
     Returns:
-        number of label files written.
+        (label files written, existing files kept).
     Raises:
         MissingDataError: ``annotations/<split>`` is missing.
         DatasetError: a label is unreadable or holds ids above 150.
     """
     base = Path(root) / "ADEChallengeData2016"
-    written = 0
+    written = kept = 0
     for split in ("training", "validation"):
         src_dir, dst_dir = base / "annotations" / split, base / "annotations_detectron2" / split
         if not src_dir.is_dir():
             raise MissingDataError(f"{src_dir}: official ADE20K annotations folder does not exist")
         dst_dir.mkdir(parents=True, exist_ok=True)
+        split_written = split_kept = 0
         for src in sorted(src_dir.glob("*.png")):
             dst = dst_dir / src.name
             if dst.exists() and not overwrite:
+                split_kept += 1
                 continue
             label = read_label(src)
             if label.size and (label.min() < 0 or label.max() > ADE20K_NUM_CLASSES):
@@ -67,9 +69,12 @@ def prepare_ade20k(root: str | Path, *, overwrite: bool = False) -> int:
             tmp = dst.with_name(dst.name + ".tmp.png")
             write_label(tmp, ade20k_to_detectron2(label))
             os.replace(tmp, dst)
-            written += 1
-        logger.info("ADE20K %s: labels written to %s", split, dst_dir)
-    return written
+            split_written += 1
+        logger.info(
+            "ADE20K %s: %d labels written to %s, %d existing kept", split, split_written, dst_dir, split_kept
+        )
+        written, kept = written + split_written, kept + split_kept
+    return written, kept
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         root = args.root if args.root is not None else default_root()
-        count = prepare_ade20k(root, overwrite=args.overwrite)
-        print(
-            f"wrote {count} label files under {Path(root) / 'ADEChallengeData2016' / 'annotations_detectron2'}"
-        )
+        written, kept = prepare_ade20k(root, overwrite=args.overwrite)
+        where = Path(root) / "ADEChallengeData2016" / "annotations_detectron2"
+        note = f"; kept {kept} existing ones (--overwrite rewrites them)" if kept else ""
+        print(f"wrote {written} label files under {where}{note}")
         return 0
 
     return report_errors("cat_seg.data.prepare", body, debug=args.debug)
