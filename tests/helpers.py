@@ -36,3 +36,32 @@ def random_inputs(n: int = 2, seed: int = 0, sizes=((50, 70), (41, 33)), num_cla
         label[:3] = 255
         out.append({"image": image, "sem_seg": label, "height": h, "width": w})
     return out
+
+
+def write_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
+    """A random ``CLIPModel`` (32-px ViT, 16-d projection) and its ``CLIPImageProcessor``, saved locally."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        vision_config={
+            "image_size": 32,
+            "patch_size": 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        projection_dim=16,
+    )
+    CLIPModel(config).eval().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+    return folder

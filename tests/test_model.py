@@ -164,3 +164,17 @@ def test_cuda_matches_cpu() -> None:
         a = cpu(inputs)[0]["sem_seg"]
         b = gpu(inputs)[0]["sem_seg"].cpu()
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_per_image_text_features_must_match_the_number_of_images(tiny_model) -> None:  # noqa: ANN001
+    model = tiny_model.eval()
+    inputs = random_inputs(2)
+    with torch.no_grad():
+        text = model.text_features()
+        per_image = text.unsqueeze(0).expand(3, -1, -1, -1)  # three rows for two images
+        for sliding in (False, True):
+            model.sliding_window = sliding
+            with pytest.raises(ValueError, match="given for 3 images, but the batch has 2"):
+                model(inputs, text_features=per_image)
+            out = model(inputs, text_features=per_image[:2])  # one row per image (not per view)
+            assert len(out) == 2

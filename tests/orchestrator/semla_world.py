@@ -18,6 +18,7 @@ if str(TESTS / "engine") not in sys.path:
     sys.path.insert(0, str(TESTS / "engine"))
 
 from engine_testlib import CATSEG, REPO_ROOT, TINY_CONFIG, run_script, single_thread  # noqa: E402
+from helpers import write_tiny_hf_clip  # noqa: E402
 
 TINY_MODEL = CATSEG / "configs" / "tiny" / "tiny_model.yaml"
 TINY_A150 = CATSEG / "configs" / "tiny" / "tiny_a150.yaml"
@@ -55,35 +56,6 @@ class World:
             "--no_progress",
             *extra,
         ]  # fmt: skip
-
-
-def write_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
-    """A random ``CLIPModel`` (32-px ViT, 16-d projection) and its ``CLIPImageProcessor``, saved locally."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    torch.manual_seed(seed)
-    config = CLIPConfig(
-        text_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
-    CLIPModel(config).eval().save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        folder
-    )
-    return folder
 
 
 def _train(script_args: list[str], root: Path) -> None:

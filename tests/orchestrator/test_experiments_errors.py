@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 from engine_testlib import single_thread
+from helpers import write_tiny_hf_clip
 from safetensors.torch import load_file, save_file
-from semla_world import World, experiments_main, write_tiny_hf_clip
+from semla_world import World, experiments_main
 
 pytestmark = pytest.mark.slow
 

@@ -255,6 +255,12 @@ class CATSeg(nn.Module):
                 when None (callers that evaluate many images should compute them once and pass them).
         """
         text = self.text_features() if text_features is None else text_features
+        if text.dim() == 4 and text.shape[0] != len(batched_inputs):
+            raise ValueError(
+                f"per-image text features are given for {text.shape[0]} images, but the batch has "
+                f"{len(batched_inputs)}; pass (T, P, C) features shared by the batch, or one row per image "
+                "(e.g. fused_text_features with one weight row per image)"
+            )
         if not self.training and self.sliding_window:
             return self.inference_sliding_window(batched_inputs, text)
         images = [x["image"].to(self.device, dtype=torch.float32) for x in batched_inputs]
