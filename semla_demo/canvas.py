@@ -45,6 +45,7 @@ IGNORE = 255  # the ego car's bonnet (Cityscapes "ego vehicle", ignored in evalu
 SKY_DEPTH = 1000.0
 
 TEXTURE = 32  # side of the random tables that texture surfaces in world coordinates
+GAMMA = 2.2  # sRGB approximated by a pure power law: linear = srgb ** GAMMA
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ class Canvas:
         self.inst = np.zeros((h, w), dtype=np.int32)
         self.up = np.zeros((h, w))
         self.emit = np.zeros((h, w, 3))
+        self.sun = np.ones((h, w, 3))
         self.inst_classes: list[int] = [IGNORE]
         self._queue: list[tuple[np.ndarray, ...]] = []
         self.ys = (np.arange(h) + 0.5)[:, None]  # (H, 1) pixel-centre rows
@@ -254,6 +256,7 @@ class Canvas:
         inst: int = 0,
         up: float | np.ndarray = 0.0,
         emit: np.ndarray | None = None,
+        sun: float | np.ndarray = 1.0,
     ) -> None:
         """Draw a surface into the window ``[rs, cs]`` where ``mask`` holds and it is nearer.
 
@@ -265,6 +268,8 @@ class Canvas:
             inst: instance id (0 = not a countable object).
             up: upward-facing fraction, scalar or (h, w).
             emit: (3,) or (h, w, 3) night emission (linear), or None for none.
+            sun: scalar, (3,) or (h, w, 3) linear factor of direct sunlight in ``rgb`` (1 = sunlit,
+                < 1 in shade), divided out under overcast skies and at night.
         """
         zbuf = self.z[rs, cs]  # basic slices are views: copyto below writes into the buffers
         win = mask & (z < zbuf)
@@ -277,6 +282,7 @@ class Canvas:
         np.copyto(self.rgb[rs, cs], rgb, where=win3)
         np.copyto(self.up[rs, cs], up, where=win)
         np.copyto(self.emit[rs, cs], 0.0 if emit is None else emit, where=win3)
+        np.copyto(self.sun[rs, cs], sun, where=win3)
 
     def boxes(
         self,
@@ -378,6 +384,7 @@ class Canvas:
         self.rgb.reshape(-1, 3)[p] = rgb[win]
         self.up.reshape(-1)[p] = up[win]
         self.emit.reshape(-1, 3)[p] = emit[win]
+        self.sun.reshape(-1, 3)[p] = 1.0
 
     def new_instances(self, classes: np.ndarray) -> np.ndarray:
         """Register len(classes) objects; returns their (N,) instance ids."""

@@ -26,6 +26,7 @@ from .canvas import (
     CAR_COLOURS,
     CLASS_NAMES,
     FENCE,
+    GAMMA,
     GREENS,
     IGNORE,
     NUM_CLASSES,
@@ -76,6 +77,9 @@ class Scene:
             metres; the camera sits at (``camera.lateral``, ``camera.height``, 0).
         up: (H, W) float32 in [0, 1], how much the surface faces up (1 = ground, car roofs); snow settles
             there and wet ground mirrors the scene.
+        sunlight: (H, W, 3) float32 linear factor of direct sunlight in ``image`` (1 = sunlit, < 1 in a
+            cast shadow or on the facade facing away from the sun); without the sun (overcast, night)
+            a surface's radiance is ``image`` linearised and divided by it.
         emission: (H, W, 3) float32 linear radiance of the light sources that shine at night (lamp heads,
             car lights, lit windows, traffic lights), in units of a white surface under daylight.
         lamps: (L, 6) float32 street lamps: position (u, height, z) in metres and linear RGB power (the
@@ -91,6 +95,7 @@ class Scene:
     depth: np.ndarray
     points: np.ndarray
     up: np.ndarray
+    sunlight: np.ndarray
     emission: np.ndarray
     lamps: np.ndarray
     instances: np.ndarray
@@ -209,12 +214,17 @@ def _ground(cv: Canvas, rng: np.random.Generator, street: Street, sun: int, shad
     rgb_grass = grass * (1 + 0.10 * lookup(tex, u / 0.3 + 3, z / 0.3 + 5)[..., None] + 0.2 * (patches - 0.5))
     rgb = np.where(road[..., None], rgb_road, np.where(walk[..., None], rgb_walk, rgb_grass))
     # the facades on the sun's side shade a strip of ground next to them (skylight only: bluish)
+    sunlight = np.ones(3)
     if shadow > 0:
         line = street.building_line(1 if sun > 0 else 0)
         shade = (u * sun > line - shadow)[..., None]
-        rgb = np.where(shade, rgb * np.array([0.52, 0.55, 0.62]), rgb)
-    cv.paint(rs, slice(None), np.ones((1, 1), bool), z, label, rgb, up=1.0)
+        rgb = np.where(shade, rgb * _SHADE, rgb)
+        sunlight = np.where(shade, _SHADE**GAMMA, 1.0)
+    cv.paint(rs, slice(None), np.ones((1, 1), bool), z, label, rgb, up=1.0, sun=sunlight)
 
+
+_SHADE = np.array([0.52, 0.55, 0.62])  # sRGB factor of ground in a facade's shadow (bluish skylight)
+_AWAY = 0.72  # sRGB factor of the facade facing away from the sun
 
 _SEGMENT_KINDS = (0.70, 0.10, 0.08, 0.06, 0.06)  # building / gap / hedge / wall / fence
 _MAX_SEGMENTS = 40  # per side; 40 segments of >= 8 m reach past the farthest facade end (300 m)
@@ -293,7 +303,7 @@ def _facades(cv: Canvas, rng: np.random.Generator, street: Street, sun: int) -> 
     rs = slice(int(rows[0]), int(rows[-1]) + 1)  # work on the rows the facades reach only
     y, mask = y[rs], mask[rs]
     # the facade facing the sun is lit by it, the other one by the sky only
-    sunlit = np.where((side == 0) == (sun > 0), 1.0, 0.72)[..., None]
+    sunlit = np.where((side == 0) == (sun > 0), 1.0, _AWAY)[..., None]
     s = z - np.take_along_axis(edges, np.clip(j - side * (n + 1), 0, n)[..., None], axis=-1)[..., 0]
     rgb = seg["colour"][s_idx] * sunlit * (1 + 0.05 * lookup(tex, s / 0.7, y / 0.7)[..., None])
     building = kind == 0
@@ -325,7 +335,9 @@ def _facades(cv: Canvas, rng: np.random.Generator, street: Street, sun: int) -> 
     rgb = rgb * texture[..., None]
     label = np.select([building, kind == 2, kind == 3], [BUILDING, VEGETATION, WALL], FENCE)
     up = np.where((kind >= 2) & (y > height - 0.3), 0.7, 0.0)
-    cv.paint(rs, slice(None), mask, np.broadcast_to(z, mask.shape), label, rgb, up=up, emit=emit)
+    cv.paint(
+        rs, slice(None), mask, np.broadcast_to(z, mask.shape), label, rgb, up=up, emit=emit, sun=sunlit**GAMMA
+    )
 
 
 def _skyline(cv: Canvas, rng: np.random.Generator, haze: np.ndarray) -> None:
@@ -412,6 +424,7 @@ def generate_scene(rng: np.random.Generator, size: tuple[int, int] = (64, 64)) -
         depth=depth.astype(np.float32),
         points=points.astype(np.float32),
         up=cv.up.astype(np.float32),
+        sunlight=cv.sun.astype(np.float32),
         emission=cv.emit.astype(np.float32),
         lamps=lamps.astype(np.float32),
         instances=cv.inst,

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .canvas import ROAD, SIDEWALK, value_noise
+from .canvas import GAMMA, ROAD, SIDEWALK, value_noise
 from .scene import Scene
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 WEATHERS = ("clear", "fog", "rain", "snow")
 TIMES = ("day", "night")
 
-GAMMA = 2.2  # sRGB approximated by a pure power law
 _KOSCHMIEDER = 3.912  # -ln(0.02): visibility V is where the contrast of a black object falls to 2 %
 _PHOTONS = 3000.0  # photo-electrons collected at full scale (sets the shot noise)
 _READ_NOISE = 0.0012  # read noise, in units of full scale
@@ -92,8 +91,8 @@ def _wetness(scene: Scene, lin: np.ndarray, rng: np.random.Generator) -> tuple[n
     h, w = scene.size
     ground = np.isin(scene.label, (ROAD, SIDEWALK)) & (scene.up > 0.5)
     puddles = value_noise(rng, (h, w), (5, 8)) > rng.uniform(0.6, 0.8)
-    wet = np.where(ground, np.where(puddles, 1.0, rng.uniform(0.35, 0.7)), 0.0)
-    return lin * (1 - rng.uniform(0.35, 0.55) * wet[..., None]), wet
+    wet = np.where(ground, np.where(puddles, 1.0, rng.uniform(0.5, 0.85)), 0.0)
+    return lin * (1 - rng.uniform(0.4, 0.6) * wet[..., None]), wet
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,7 +166,9 @@ def _reflections(scene: Scene, lin: np.ndarray, wet: np.ndarray, rng: np.random.
     mirror = _blur_rows(flat.reshape(h, w, 3), rng.uniform(0.6, 1.5) * w / 64)
     cos = np.clip(cam.height / np.maximum(scene.depth, 1e-3), 0, 1)
     fresnel = 0.02 + 0.98 * (1 - cos) ** 5
-    k = (fresnel * wet)[..., None]
+    # a water film on rough asphalt is a partial mirror; standing water (puddles, wet = 1) a full one
+    specular = np.where(wet >= 1.0, 1.0, rng.uniform(0.3, 0.6))
+    k = (fresnel * wet * specular)[..., None]
     return lin * (1 - k) + mirror * k
 
 
@@ -263,6 +264,10 @@ def _snowfall(
     alpha = np.clip(0.95 - 0.15 * radius / scale, 0.3, 0.9) * rng.uniform(0.6, 1.0, n)
     stretch = rng.uniform(1.0, 1.6, n)  # a little motion blur along the fall
     cx, cy = rng.uniform(0, w, n), rng.uniform(0, h, n)
+    # a far flake is a sharp dot: centre it on a pixel so it is not smeared over four dim ones
+    dot = radius < 0.8 * scale
+    cx, cy = np.where(dot, np.floor(cx) + 0.5, cx), np.where(dot, np.floor(cy) + 0.5, cy)
+    alpha = np.where(dot, rng.uniform(0.6, 1.0, n), alpha)
     cover = np.zeros((h, w))
     small = radius * stretch < 1.0
     for group in (small, ~small):  # small flakes need a small footprint: draw them with a 5 x 5 one
@@ -331,6 +336,8 @@ def render(scene: Scene, weather: str, time: str, rng: np.random.Generator) -> n
     h, w = scene.size
     scale = w / 64
     lin = (scene.image / 255.0) ** GAMMA
+    if weather != "clear" or time == "night":  # no direct sun: no cast shadows, no sunny side
+        lin = lin / scene.sunlight
     wet = None
     if weather == "snow":
         lin = _snow_cover(scene, lin, rng)
