@@ -1,11 +1,12 @@
 """Weather and time of day as physically motivated functions of a scene's clear rendering and depth.
 
-``render(scene, weather, time, rng)`` turns the clear-day colours into linear radiance (sRGB gamma 2.2),
-changes the surfaces (snow cover, wet ground), lights the scene (daylight, or at night a dim ambient
-light, street lamps and the ego car's headlights plus the light sources' own emission), mirrors the
-scene in wet ground, adds the atmosphere (Koschmieder's law over each pixel's distance), the glow of
-light sources, falling rain or snow in front of everything, and finally images it with a noisy camera
-(Poisson shot noise and Gaussian read noise, exposure gain, gamma, 8 bits).
+``render(scene, weather, time, rng)`` turns the clear-day colours into linear radiance (sRGB gamma 2.2;
+without direct sun, under clouds or at night, the sun's shading is divided out), changes the surfaces
+(snow cover, wet ground), lights the scene (daylight, or at night a dim ambient light, street lamps and
+the ego car's headlights plus the light sources' own emission), mirrors the scene in wet ground, adds
+the atmosphere (Koschmieder's law over each pixel's distance), the glow of light sources, falling rain
+or snow in front of everything, and finally images it with a noisy camera (Poisson-Gaussian shot and
+read noise, exposure gain, gamma, 8 bits).
 
 Weather and time combine freely: fog at night is the night lighting seen through fog with a dim airlight
 and wide halos around the lamps. The labels never change (streaks and flakes are not labelled).
@@ -47,22 +48,34 @@ def _blur_rows(image: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _blurs(image: np.ndarray, sigmas: tuple[float, ...]) -> list[np.ndarray]:
-    """Gaussian blurs of an (H, W, C) array with several sigmas (pixels), sharing one forward FFT.
+def _binomial(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) blurred by the separable [1, 2, 1] / 4 kernel (a Gaussian of sigma ~0.7 px), zero outside."""
+    rows = 0.5 * image
+    rows[1:] += 0.25 * image[:-1]
+    rows[:-1] += 0.25 * image[1:]
+    out = 0.5 * rows
+    out[:, 1:] += 0.25 * rows[:, :-1]
+    out[:, :-1] += 0.25 * rows[:, 1:]
+    return out
 
-    The image is zero-padded, so no light wraps around: what would come from outside the frame is zero.
-    """
-    h, w = image.shape[:2]
-    pad = int(np.ceil(1.5 * max(sigmas))) + 1  # the cyclic wrap of 2 pad >= 3 sigma lands in zeros
-    shape = (h + 2 * pad, w + 2 * pad)
-    spectrum = np.fft.rfft2(image, s=shape, axes=(0, 1))
+
+def _wide_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of an (H, W, C) array with a wide sigma (pixels), computed at half resolution with one
+    FFT pair (the result is smooth); zero-padded, so no light wraps around the frame."""
+    h, w, c = image.shape
+    he, we = h + h % 2, w + w % 2
+    half = (
+        np.pad(image, ((0, he - h), (0, we - w), (0, 0))).reshape(he // 2, 2, we // 2, 2, c).sum(axis=(1, 3))
+    )
+    s = sigma / 2
+    pad = int(np.ceil(1.5 * s)) + 1  # the cyclic wrap of 2 pad >= 3 sigma lands in the zero padding
+    shape = (he // 2 + 2 * pad, we // 2 + 2 * pad)
     fy = np.fft.fftfreq(shape[0])[:, None, None]
     fx = np.fft.rfftfreq(shape[1])[None, :, None]
-    out = []
-    for sigma in sigmas:
-        transfer = np.exp(-2 * (np.pi * sigma) ** 2 * (fy**2 + fx**2))  # real, even: a centred kernel
-        out.append(np.fft.irfft2(spectrum * transfer, s=shape, axes=(0, 1))[:h, :w])
-    return out
+    transfer = np.exp(-2 * (np.pi * s) ** 2 * (fy**2 + fx**2))  # real and even: a centred kernel
+    blurred = np.fft.irfft2(np.fft.rfft2(half, s=shape, axes=(0, 1)) * transfer, s=shape, axes=(0, 1))
+    up = np.repeat(np.repeat(blurred[: he // 2, : we // 2] / 4, 2, axis=0), 2, axis=1)  # energy per pixel
+    return _binomial(up)[:h, :w]  # smooth the 2 x 2 blocks
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,11 +126,11 @@ def _night(scene: Scene, lin: np.ndarray, weather: str, rng: np.random.Generator
     """
     h, w = scene.size
     cam = scene.camera
-    pts = scene.points.astype(np.float64)  # (H, W, 3) (u, height, z)
+    pts = scene.points  # (H, W, 3) float32 (u, height, z)
     tint = np.array([0.8, 0.9, 1.15]) if rng.random() < 0.5 else np.array([1.1, 0.95, 0.75])  # moon / city
     irradiance = rng.uniform(0.005, 0.013) * tint
-    up = scene.up.astype(np.float64)[None]  # (1, H, W)
-    lamps = scene.lamps.astype(np.float64)
+    up = scene.up[None]  # (1, H, W)
+    lamps = scene.lamps
     if len(lamps):
         # vectors from each surface point to each lamp, (L, H, W) per coordinate
         du, dy, dz = (lamps[:, i, None, None] - pts[None, ..., i] for i in range(3))
@@ -125,7 +138,7 @@ def _night(scene: Scene, lin: np.ndarray, weather: str, rng: np.random.Generator
         cos = up * np.maximum(dy, 0) / np.sqrt(d2) + (1 - up) * 0.5  # ground: lamp overhead
         irradiance = irradiance + np.einsum("lhw,lc->hwc", np.maximum(cos, 0.05) / d2, lamps[:, 3:])
     # ego low beams: a cone ahead, cut off above the horizontal
-    delta = pts - np.array([cam.lateral, 0.7, 0.0])
+    delta = pts - np.array([cam.lateral, 0.7, 0.0], dtype=np.float32)
     ahead = np.maximum(delta[..., 2], 1e-3)
     beam = np.exp(-((delta[..., 0] / ahead / 0.35) ** 2) - np.maximum(delta[..., 1] / ahead - 0.02, 0) / 0.05)
     beam *= rng.uniform(3.0, 6.0) / ((delta**2).sum(-1) + 1.0) * (delta[..., 2] > 0.5)
@@ -212,7 +225,8 @@ def _glow(
         return np.zeros_like(emission), np.zeros_like(emission)
     near, far = {"clear": (0.25, 0.05), "rain": (0.5, 0.15), "snow": (0.5, 0.15), "fog": (0.6, 0.4)}[weather]
     far += 8.0 * beta  # optical thickness of the path to the sources
-    small, large = _blurs(emission, (0.8 * scale, 3.5 * scale))
+    small = _binomial(emission) if scale < 1.5 else _wide_blur(emission, 0.8 * scale)
+    large = _wide_blur(emission, 3.5 * scale)
     return near * small + far * large, large
 
 
