@@ -281,11 +281,38 @@ def _write_images(
                 "time": time,
                 "split": split,
                 "index": index,
+                "seed": seed,
                 "caption": ex.caption,
                 "classes": np.unique(ex.scene.label[ex.scene.label != IGNORE]).tolist(),
             }
         )
     return entries
+
+
+def _update_manifest(root: Path, conditions: list[tuple[str, str]], entries: list[dict[str, Any]]) -> None:
+    """Write ``<root>/semla_demo_world.json``: these entries plus the earlier entries of conditions not
+    rewritten now (their files are still on disk), sorted by condition, split and index."""
+    path = root / MANIFEST
+    kept = []
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text())["entries"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a world manifest ({e}); remove it to start afresh") from e
+        kept = [e for e in kept if (e["weather"], e["time"]) not in set(conditions)]
+    order = {c: i for i, c in enumerate(CONDITIONS)}
+    merged = sorted(
+        kept + entries, key=lambda e: (order[e["weather"], e["time"]], SPLITS.index(e["split"]), e["index"])
+    )
+    present = sorted({(e["weather"], e["time"]) for e in merged}, key=order.__getitem__)
+    counts: dict[str, dict[str, int]] = {condition_name(w, t): {"train": 0, "val": 0} for w, t in present}
+    for e in merged:
+        counts[condition_name(e["weather"], e["time"])][e["split"]] += 1
+    manifest = {"conditions": list(counts), "counts": counts, "entries": merged}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _job(args: tuple) -> list[dict[str, Any]]:
@@ -310,7 +337,9 @@ def write_world(
 
     Files: ``muses/frame_camera/<split>/<weather>/<time>/<stem>_frame_camera.png`` (RGB),
     ``muses/gt_semantic/<split>/<weather>/<time>/<stem>_gt_labelTrainIds.png`` (train ids, 255 = ego
-    vehicle) and ``..._gt_labelIds.png`` (Cityscapes labelIds), and ``<root>/semla_demo_world.json``.
+    vehicle) and ``..._gt_labelIds.png`` (Cityscapes labelIds), and the manifest
+    ``<root>/semla_demo_world.json`` (every image's paths, condition, split, index, seed, caption and
+    classes; entries of conditions written by earlier calls are kept).
 
     Args:
         root: dataset root (what ``--root`` / ``$DETECTRON2_DATASETS`` would be).
@@ -379,12 +408,7 @@ def write_world(
         "images": len(entries),
         "manifest": str(root / MANIFEST),
     }
-    manifest = {k: v for k, v in summary.items() if k not in ("root", "manifest")}
-    manifest["entries"] = entries
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    _update_manifest(root, conditions, entries)
     logger.info("wrote %d images to %s in %.1f s", len(entries), root, _time.perf_counter() - start)
     return summary
 

@@ -310,9 +310,15 @@ def test_registered_muses_datasets_read_the_world_and_validate_passes(small_worl
     argv = ["--root", str(root), "--domains", *domains, "--splits", "train", "val"]
     assert validate_cli.main(argv) == 0
     manifest = json.loads((root / world.MANIFEST).read_text())
-    assert len(manifest["entries"]) == 40 and manifest["seed"] == 4
+    assert len(manifest["entries"]) == 40 and manifest["counts"]["fog-night"] == {"train": 3, "val": 2}
     entry = manifest["entries"][0]
-    assert (root / entry["image"]).is_file() and entry["caption"]
+    assert (root / entry["image"]).is_file() and (root / entry["label"]).is_file() and entry["caption"]
+    assert entry["seed"] == 4 and (entry["weather"], entry["time"], entry["split"], entry["index"]) == (
+        "clear",
+        "day",
+        "train",
+        0,
+    )
 
 
 def test_train_and_val_scenes_are_different(small_world) -> None:
@@ -366,6 +372,10 @@ def test_existing_folders_need_overwrite(tmp_path: Path) -> None:
         overwrite=True,
     )
     assert len(load_records("muses-snow-night_sem_seg_train", tmp_path)) == 1  # no stale files left
+    write_world(tmp_path, train_per_condition=1, val_per_condition=0, workers=1, conditions=[("fog", "day")])
+    manifest = json.loads((tmp_path / world.MANIFEST).read_text())  # both conditions' entries, in order
+    assert manifest["counts"] == {"fog-day": {"train": 1, "val": 0}, "snow-night": {"train": 1, "val": 1}}
+    assert [e["weather"] for e in manifest["entries"]] == ["fog", "snow", "snow"]
     with pytest.raises(ValueError, match="unknown condition"):
         write_world(tmp_path, train_per_condition=1, val_per_condition=1, conditions=[("hail", "day")])
 
