@@ -331,7 +331,7 @@ def write_world(
     seed: int = 0,
     conditions: Sequence[tuple[str, str]] = CONDITIONS,
     overwrite: bool = False,
-    workers: int | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Write the world in the MUSES layout under ``root``, plus a manifest with every image's caption.
 
@@ -350,8 +350,9 @@ def write_world(
         conditions: (weather, time) pairs to write.
         overwrite: replace the image and label folders of the written conditions if they already hold
             files; otherwise such folders are an error (stale files would join the datasets).
-        workers: processes writing in parallel (default: up to 2, one per CPU core); the output does
-            not depend on it.
+        workers: processes writing in parallel; the output does not depend on it. More than one
+            starts fresh ("spawn") processes, which import the caller's main module again: call from
+            under ``if __name__ == "__main__":`` (the command line uses up to 2, one per CPU core).
     Returns:
         Summary: ``root``, ``seed``, ``size``, ``conditions`` (names), ``counts``
         (``{"fog-night": {"train": n, "val": m}}``), ``images`` (total) and ``manifest`` (path).
@@ -384,8 +385,6 @@ def write_world(
         for split in SPLITS
         for i in range(0, counts[split], _CHUNK)
     ]
-    if workers is None:
-        workers = min(2, os.cpu_count() or 1)
     start = _time.perf_counter()
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
@@ -542,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 conditions=conditions,
                 overwrite=args.overwrite,
-                workers=args.workers,
+                workers=min(2, os.cpu_count() or 1) if args.workers is None else args.workers,
             )
             print(
                 f"wrote {summary['images']} images ({len(conditions)} conditions x ({args.train} train + "
