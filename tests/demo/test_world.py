@@ -67,6 +67,11 @@ def bright_blobs(image: np.ndarray, step: float = 12.0) -> int:
     return int((g - np.max(neighbours, axis=0) >= step).sum())
 
 
+def mean_saturation(pixels: np.ndarray) -> float:
+    """Mean HSV saturation of (N, 3) pixels: 0 for grey and white."""
+    return float(((pixels.max(-1) - pixels.min(-1)) / np.maximum(pixels.max(-1), 1)).mean())
+
+
 def sky_noise(image: np.ndarray, scene) -> float:
     """Mean absolute difference of horizontally adjacent sky pixels, relative to the sky's brightness."""
     g, sky = grey(image), scene.sky
@@ -210,8 +215,7 @@ def test_snow_whitens_horizontal_surfaces_and_adds_flakes(scenes, images) -> Non
         if flat.sum() < 5:
             continue
         gain.append(grey(sn)[flat].mean() / grey(c)[flat].mean())
-        sat = lambda im: ((im.max(-1) - im.min(-1)) / np.maximum(im.max(-1), 1)).mean()  # noqa: E731
-        saturation.append((sat(sn[flat]), sat(c[flat])))
+        saturation.append((mean_saturation(sn[flat]), mean_saturation(c[flat])))
     assert np.mean(gain) > 1.3
     assert np.mean([a < b for a, b in saturation]) >= 0.8  # whiter: less saturated
     assert np.mean([a for a, _ in saturation]) < 0.5 * np.mean([b for _, b in saturation])
@@ -220,7 +224,6 @@ def test_snow_whitens_horizontal_surfaces_and_adds_flakes(scenes, images) -> Non
 
 
 def test_combined_conditions_show_both_effects(scenes, images) -> None:
-    day = images["clear", "day"]
     for weather in ("fog", "rain", "snow"):  # the night effect on top of each weather
         ratio = [
             grey(n).mean() / grey(d).mean() for n, d in zip(images[weather, "night"], images[weather, "day"])
@@ -246,7 +249,6 @@ def test_combined_conditions_show_both_effects(scenes, images) -> None:
         if flat.sum() >= 5:
             gain.append(grey(sn)[flat].mean() / max(grey(c)[flat].mean(), 1.0))
     assert np.mean(gain) > 1.3
-    assert len(day) == N_SCENES
 
 
 # ----------------------------------------------------------------------------------------------------
