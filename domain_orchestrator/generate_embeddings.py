@@ -109,10 +109,11 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     from cat_seg.data import DatasetError, load_records
     from cat_seg.engine.setup import git_sha, resolve_device
     from domain_orchestrator.domains import get_domain, read_domain_list
-    from domain_orchestrator.orchestrator import ExperimentError, same_embedder
+    from domain_orchestrator.orchestrator import ExperimentError
     from domain_orchestrator.prototypes import (
         StatisticsError,
         read_statistics_metadata,
+        same_embedder,
         statistics_path,
         write_statistics,
     )

@@ -60,7 +60,7 @@ from cat_seg.progress import progress
 
 from .domains import DomainError, get_domain, read_domain_list
 from .library import ADAPTER_CONFIG, AdapterLibrary, AdapterLibraryError
-from .prototypes import StatisticsError, read_statistics, read_statistics_metadata, statistics_path
+from .prototypes import load_prototypes, statistics_path
 from .reporting import ImageWeights, ResultsBook, format_summary
 from .retrieval import semla_weights, uniform_weights
 
@@ -617,47 +617,22 @@ class _Session:
         except (EmbeddingError, OSError, ValueError) as e:
             problems.append(f"--embedding_model {spec}: {e}")
             embedder = None
-        vectors = []
-        unverified: list[str] = []
-        foreign: dict[str, list[str]] = {}  # embedder description -> sources whose statistics it made
-        for name in self.plan.sources:
-            folder = self.plan.library_path / name
-            try:
-                vector = read_statistics(folder, name)
-                metadata = read_statistics_metadata(folder, name)
-            except StatisticsError as e:
-                problems.append(f"source {name!r}: {e}")
-                continue
-            vectors.append(vector)
-            if embedder is None:
-                continue
-            if vector.shape[0] != embedder.dim:
-                problems.append(
-                    f"source {name!r}: {statistics_path(folder, name)} holds a {vector.shape[0]}-d prototype but "
-                    f"--embedding_model {spec} gives {embedder.dim}-d embeddings; recompute the statistics "
-                    "with this embedder (generate_embeddings.py --overwrite)"
-                )
-            elif metadata is None or "embedder" not in metadata:
-                unverified.append(name)
-            elif not same_embedder(metadata["embedder"], embedder.identity):
-                foreign.setdefault(_describe(metadata["embedder"]), []).append(name)
-        for made_by, names in foreign.items():
-            problems.append(
-                f"the statistics of {', '.join(names)} (in {self.plan.library_path}) were made by another embedder "
-                f"({made_by}) than --embedding_model {spec} ({_describe(embedder.identity)}); recompute them "
-                "with this embedder (generate_embeddings.py --overwrite) or pass the embedder that made them"
-            )
-        if unverified and self.info.is_main:
+        prototypes = load_prototypes(
+            self.plan.library_path,
+            self.plan.sources,
+            embedder.identity if embedder is not None else None,
+            spec=f"--embedding_model {spec}",
+        )
+        problems.extend(prototypes.problems)
+        if prototypes.unverified and self.info.is_main:
             logger.warning(
                 "the statistics of %s record no embedder (made by the original code or released with it); "
                 "they are assumed to come from %s",
-                ", ".join(unverified),
+                ", ".join(prototypes.unverified),
                 spec,
             )
-        prototypes = None
-        if vectors and len({v.shape[0] for v in vectors}) == 1:
-            prototypes = torch.from_numpy(np.stack(vectors))
-        return embedder, prototypes
+        vectors = torch.from_numpy(prototypes.vectors) if prototypes.vectors is not None else None
+        return embedder, vectors
 
     # -- one target ----------------------------------------------------------------------------------
     def run_target(
@@ -902,15 +877,6 @@ class _Session:
 
     def finish_target(self, target: TargetPlan) -> None:
         self._progress_file(target).unlink(missing_ok=True)
-
-
-def same_embedder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two embedder identities give the same vectors (kind, dimension and weights digest)."""
-    return all(a.get(k) == b.get(k) for k in ("kind", "dim", "digest"))
-
-
-def _describe(identity: Mapping[str, Any]) -> str:
-    return f"{identity.get('kind')} {identity.get('name')}, {identity.get('dim')}-d, digest {str(identity.get('digest'))[:12]}"
 
 
 def _image_weights(

@@ -21,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,9 @@ from cat_seg.fileio import atomic_write
 
 __all__ = [
     "METADATA_KEY",
+    "Prototypes",
+    "load_prototypes",
+    "same_embedder",
     "STATISTICS_KEY",
     "StatisticsError",
     "read_statistics",
@@ -124,3 +129,85 @@ def write_statistics(
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # to memory first: np.savez would append ".npz" to a temporary name
     return atomic_write(statistics_path(folder, name), lambda f: f.write(buffer.getvalue()))
+
+
+def same_embedder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two embedder identities give the same vectors (kind, dimension and weights digest)."""
+    return all(a.get(k) == b.get(k) for k in ("kind", "dim", "digest"))
+
+
+def describe_embedder(identity: Mapping[str, Any]) -> str:
+    """``hf_clip vit-p14-224-w1024-l24, 768-d, digest 0123456789ab``."""
+    digest = str(identity.get("digest"))[:12]
+    return f"{identity.get('kind')} {identity.get('name')}, {identity.get('dim')}-d, digest {digest}"
+
+
+@dataclass
+class Prototypes:
+    """The prototypes of some domains of a library, checked against the embedder that will be used.
+
+    Attributes:
+        vectors: (N, D) float32, in the order of ``names`` (None when any problem was found).
+        names: the domains.
+        problems: what makes them unusable (missing or malformed files, another dimension or embedder).
+        unverified: domains whose file records no embedder (the original's files): assumed to match.
+    """
+
+    vectors: np.ndarray | None
+    names: list[str]
+    problems: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+
+
+def load_prototypes(
+    library: str | os.PathLike,
+    names: Sequence[str],
+    identity: Mapping[str, Any] | None = None,
+    *,
+    spec: str = "",
+) -> Prototypes:
+    """Read the prototypes of ``names`` from ``<library>/<name>/<name>_statistics.npz`` and check them.
+
+    Args:
+        library: the adapter library folder.
+        names: the domains, in the order wanted.
+        identity: the identity of the embedder that will embed the test images (``ImageEmbedder.identity``);
+            prototypes of another dimension or made by another embedder are problems. None: not checked.
+        spec: how the user named that embedder (``--embedding_model``), for the messages.
+    Returns:
+        the prototypes and every problem found (reported together, grouped by cause).
+    """
+    library = Path(library)
+    vectors, problems, unverified = [], [], []
+    foreign: dict[str, list[str]] = {}  # embedder description -> domains whose statistics it made
+    for name in names:
+        folder = library / name
+        try:
+            vector = read_statistics(folder, name)
+            metadata = read_statistics_metadata(folder, name)
+        except StatisticsError as e:
+            problems.append(f"source {name!r}: {e}")
+            continue
+        vectors.append(vector)
+        if identity is None:
+            continue
+        if vector.shape[0] != identity.get("dim"):
+            problems.append(
+                f"source {name!r}: {statistics_path(folder, name)} holds a {vector.shape[0]}-d prototype but "
+                f"the embedder {spec} gives {identity.get('dim')}-d embeddings; recompute the statistics "
+                "with this embedder (generate_embeddings.py --overwrite)"
+            )
+        elif metadata is None or "embedder" not in metadata:
+            unverified.append(name)
+        elif not same_embedder(metadata["embedder"], identity):
+            foreign.setdefault(describe_embedder(metadata["embedder"]), []).append(name)
+    for made_by, which in foreign.items():
+        problems.append(
+            f"the statistics of {', '.join(which)} (in {library}) were made by another embedder ({made_by}) than "
+            f"{spec or 'the embedder given'} ({describe_embedder(identity or {})}); recompute them with this "
+            "embedder (generate_embeddings.py --overwrite) or pass the embedder that made them"
+        )
+    if len({v.shape[0] for v in vectors}) > 1 and not problems:
+        problems.append(f"the statistics in {library} have different dimensions")
+    stacked = np.stack(vectors) if vectors and not problems else None
+    return Prototypes(stacked, list(names), problems, unverified)
