@@ -115,6 +115,14 @@ COMMANDS: list[Command] = [
         target=True,
     ),
     Command("python -m cat_seg.data.synthetic --help", ("-m", "cat_seg.data.synthetic", "--help")),
+    # Tools newer than a --baseline revision (tool=False: timed on this tree only).
+    Command("experiments.py --help", ("{catseg}/../experiments.py", "--help"), tool=False, target=True),
+    Command(
+        "generate_embeddings.py --help",
+        ("{catseg}/../domain_orchestrator/generate_embeddings.py", "--help"),
+        tool=False,
+        target=True,
+    ),
 ]
 MODES = ("cache", "no cache")
 

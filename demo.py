@@ -1,0 +1,174 @@
+"""Segment your own images with CAT-Seg and your class names, optionally with SemLA's retrieved adapters.
+
+Examples (from the repository root, after ``make demo``, which builds the demo model, library and CLIP)::
+
+    python demo.py --input demo_output/world/muses/frame_camera/val/fog/night --output demo_predictions
+    python demo.py --input photo.jpg --classes "road,sidewalk,car,person,tree,sky" --output out
+    python demo.py --input "images/*.png" --config-file catseg/configs/vitl_336.yaml \\
+        --weights catseg/models/model_final.pth --class-json catseg/datasets/cs19.json \\
+        --lora_library_path catseg/loradb --embedding_model models/clip-vit-large-patch14 --output out
+
+Per image it writes ``<name>_overlay.png`` (the image and its coloured prediction with a legend of the
+classes present) and ``<name>_label.png`` (8-bit class ids); with a library also ``<name>_weights.png``
+(the adapters the image borrowed from and their weights), and prints the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEMO = REPO_ROOT / "demo_output"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="demo.py", description="Segment images with CAT-Seg (+ SemLA) and your class names."
+    )
+    parser.add_argument(
+        "--config-file",
+        default=str(REPO_ROOT / "configs" / "demo" / "train.yaml"),
+        help="CAT-Seg config (default: the demo's tiny model, configs/demo/train.yaml)",
+    )
+    parser.add_argument(
+        "--weights",
+        default=str(DEMO / "base" / "model_final.pth"),
+        help="CAT-Seg checkpoint (default: the one make demo trains, demo_output/base/model_final.pth)",
+    )
+    parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument(
+        "--classes", help='class names, comma-separated: "road,car,person" (default: the config\'s)'
+    )
+    vocab.add_argument("--class-json", help="a JSON list of class names (index = class id)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for the pictures and label maps")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument(
+        "--lora_library_path", help="adapter library: apply SemLA per image (default: none, zero-shot)"
+    )
+    parser.add_argument("--embedding_model", help="the embedder that made the library's statistics (semla)")
+    parser.add_argument("--semla_config", help="YAML with distance_measure_name, temperature, top_k")
+    parser.add_argument(
+        "--method",
+        choices=("semla", "uniform", "zeroshot"),
+        default=None,
+        help="default: semla with a library and an embedder, uniform with a library only, zeroshot otherwise",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="config overrides"
+    )
+    return parser
+
+
+def find_images(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image files; unmatched input is an error."""
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
+            found += images
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+            if not matches:
+                raise FileNotFoundError(f"--input {pattern}: no such file, folder or matching files")
+            found += matches
+    return found
+
+
+def class_names(args: argparse.Namespace) -> list[str] | None:
+    if args.classes is not None:
+        return [n.strip() for n in args.classes.split(",") if n.strip()]
+    if args.class_json is not None:
+        from cat_seg.modeling.text import load_class_names
+
+        return load_class_names(args.class_json)
+    return None
+
+
+def _missing_demo_files(args: argparse.Namespace) -> None:
+    if not Path(args.weights).is_file():
+        hint = (
+            " (run `make demo` first: it trains the demo model)"
+            if Path(args.weights).is_relative_to(DEMO)
+            else ""
+        )
+        raise FileNotFoundError(f"checkpoint {args.weights} not found{hint}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cat_seg.cli import report_errors
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return report_errors("demo.py", lambda: _run(args), debug=args.debug)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cat_seg.data.io import write_label
+    from semla_demo.inference import Segmenter
+    from semla_demo.visualize import save_overlay, save_weights_chart
+
+    images = find_images(args.input)
+    _missing_demo_files(args)
+    segmenter = Segmenter.from_files(
+        args.config_file,
+        args.weights,
+        opts=args.opts or (),
+        device=args.device,
+        lora_library_path=args.lora_library_path,
+        embedding_model=args.embedding_model,
+        semla_config=args.semla_config,
+    )
+    names = class_names(args)
+    if names is not None:
+        segmenter.set_classes(names)
+    method = args.method or (
+        "semla"
+        if segmenter.embedder is not None
+        else "uniform"
+        if segmenter.library is not None
+        else "zeroshot"
+    )
+    if len(segmenter.class_names) > 255:
+        raise ValueError(f"{len(segmenter.class_names)} classes do not fit an 8-bit label map (at most 255)")
+    args.output.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for path in images:
+        prediction = segmenter.predict(path, method)
+        stem = path.stem
+        write_label(args.output / f"{stem}_label.png", prediction.labels.astype(np.uint8))
+        present = sorted({prediction.class_names[i] for i in np.unique(prediction.labels)})
+        save_overlay(args.output / f"{stem}_overlay.png", prediction.image, prediction.labels, prediction.class_names,
+                     title=f"{path.name}: {method}")  # fmt: skip
+        line = f"{path}: {', '.join(present)}"
+        if prediction.weights:
+            save_weights_chart(
+                args.output / f"{stem}_weights.png", prediction.weights, title=f"{path.name}: {method}"
+            )
+            line += "\n  weights: " + ", ".join(f"{n} {w:.4f}" for n, w in prediction.weights.items())
+        print(line, flush=True)
+        summary.append(
+            {"image": str(path), "method": method, "classes": present, "weights": prediction.weights}
+        )
+    (args.output / "predictions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{len(images)} image(s) -> {args.output}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The demo's report: the results tables, the embedder's retrieval accuracy, and three pictures.
+
+- ``miou.png``: per target domain, the reported value (cityscapesScripts IoU) of zero-shot, uniform, SemLA
+  and oracle, with the mean, for both settings (the target's adapter in the library / left out);
+- ``semla_weights.png``: the mean SemLA weight of each source adapter per target, for both settings;
+- ``examples.png``: validation images of a few targets with their ground truth and the predictions of
+  zero-shot, uniform and SemLA in the leave-one-out setting (each image with the weights
+  ``experiments.py`` gave it, read from its ``weights.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("zeroshot", "uniform", "semla", "oracle")
+LABELS = {"zeroshot": "zero-shot", "uniform": "uniform", "semla": "SemLA", "oracle": "oracle"}
+EXAMPLE_TARGETS = ("muses-fog-day", "muses-rain-night", "muses-snow-day", "muses-clear-night")
+
+
+def cityscapes_palette() -> np.ndarray:
+    """(256, 3) uint8 colour of each Cityscapes train id (black for 255 and unused ids)."""
+    from cityscapesscripts.helpers.labels import trainId2label
+
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    for train_id, label in trainId2label.items():
+        if 0 <= train_id < 255:
+            palette[train_id] = label.color
+    return palette
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def results_table(*folders: Path) -> dict[str, dict[str, float]]:
+    """``{target: {method: value}}`` from ``experiments.py`` output folders (one sub-folder per method);
+    a method found in several folders is taken from the last."""
+    table: dict[str, dict[str, float]] = {}
+    for folder in folders:
+        for method in METHODS:
+            if (folder / method / "results.json").is_file():
+                for target, value in _read(folder / method / "results.json").items():
+                    table.setdefault(target, {})[method] = value
+    return table
+
+
+def mean_weights(folder: Path, sources: list[str]) -> np.ndarray:
+    """(targets, sources) mean SemLA weight of each source over each target's images."""
+    weights = _read(folder / "semla" / "weights.json")
+    out = np.zeros((len(weights), len(sources)))
+    for i, images in enumerate(weights.values()):
+        for entry in images.values():
+            for name, w in zip(entry["adapters"], entry["weights"]):
+                out[i, sources.index(name)] += w / len(images)
+    return out
+
+
+def retrieval_accuracy(world: Path, clip: Path, library: Path, domains: list[str]) -> dict[str, float]:
+    """Per condition, the share of its validation images whose nearest prototype is their own condition."""
+    from domain_orchestrator.embedding import load_embedder
+    from domain_orchestrator.prototypes import read_statistics
+    from domain_orchestrator.retrieval import scores
+
+    from .world import MANIFEST
+
+    embedder = load_embedder(str(clip))
+    prototypes = torch.from_numpy(np.stack([read_statistics(library / d, d) for d in domains]))
+    entries = [e for e in _read(world / MANIFEST)["entries"] if e["split"] == "val"]
+    vectors = torch.from_numpy(embedder.embed_files([world / e["image"] for e in entries], progress=False))
+    nearest = scores(vectors, prototypes).argmax(dim=1)
+    truth = [domains.index(f"muses-{e['weather']}-{e['time']}") for e in entries]
+    accuracy = {}
+    for i, name in enumerate(domains):
+        mine = [j for j, t in enumerate(truth) if t == i]
+        accuracy[name] = float(np.mean([int(nearest[j]) == i for j in mine])) if mine else float("nan")
+    return accuracy
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("muses-")
+
+
+def plot_miou(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(tables), 1, figsize=(11, 3.4 * len(tables)), squeeze=False)
+    colours = {"zeroshot": "#9e9e9e", "uniform": "#64b5f6", "semla": "#e65100", "oracle": "#2e7d32"}
+    for ax, (setting, table) in zip(axes[:, 0], tables.items()):
+        targets = list(table)
+        groups = [*targets, "mean"]
+        x = np.arange(len(groups))
+        width = 0.2
+        for k, method in enumerate(METHODS):
+            values = [table[t][method] for t in targets]
+            values.append(float(np.mean(values)))
+            ax.bar(x + (k - 1.5) * width, values, width, label=LABELS[method], color=colours[method])
+        ax.set_xticks(x, [_short(g) for g in groups])
+        ax.set_ylabel("IoU (%)")
+        ax.set_title(f"mIoU per target domain: {setting}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(ncol=4, fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_weights(matrices: Mapping[str, np.ndarray], domains: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(matrices), figsize=(6.2 * len(matrices), 5.4), squeeze=False)
+    names = [_short(d) for d in domains]
+    for ax, (setting, matrix) in zip(axes[0], matrices.items()):
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("source adapter")
+        ax.set_ylabel("target domain")
+        ax.set_title(f"mean SemLA weight: {setting}")
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] < 0.5 else "black")  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def example_predictions(
+    world: Path,
+    base: Path,
+    library_path: Path,
+    clip: Path,
+    leave_one_out: Path,
+    domains: list[str],
+    targets: tuple[str, ...],
+) -> list[dict]:
+    """For the first validation image of each target: the image, its label and three predictions.
+
+    The predictions are computed the way ``experiments.py`` computes them (the same config, checkpoint,
+    library and fused forward), with the weights its leave-one-out run recorded for the image.
+    """
+    from cat_seg.checkpoint import load_checkpoint
+    from cat_seg.data import load_records, mapper_from_cfg
+    from cat_seg.engine.evaluate import label_prediction
+    from cat_seg.modeling import build_model
+    from domain_orchestrator.domains import get_domain
+    from domain_orchestrator.fusion import fused_adapters, fused_text_features
+    from domain_orchestrator.library import AdapterLibrary
+    from domain_orchestrator.orchestrator import target_config
+    from domain_orchestrator.retrieval import uniform_weights
+
+    from .pipeline import MODEL_OVERLAY
+
+    semla = _read(leave_one_out / "semla" / "weights.json")
+    cfg = target_config(targets[0], model_weights=base, overlays=[MODEL_OVERLAY])
+    model = build_model(cfg, "cpu")
+    load_checkpoint(model, base)
+    model.eval()
+    library = AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+    examples = []
+    with torch.no_grad():
+        for target in targets:
+            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY])
+            record = load_records(get_domain(target).val_dataset, world)[0]
+            x = mapper_from_cfg(cfg, is_train=False)(record)
+            image = np.asarray(x["image"].permute(1, 2, 0))
+            key = Path(record["file_name"]).relative_to(world).as_posix()
+            entry = semla[target][key]
+            w_semla = torch.zeros(1, len(domains), dtype=torch.float64)
+            for name, w in zip(entry["adapters"], entry["weights"]):
+                w_semla[0, domains.index(name)] = w
+            w_uniform = uniform_weights(len(domains), exclude=[domains.index(target)])
+            preds = {}
+            text = model.text_features()
+            preds["zeroshot"] = model([x], text_features=text)[0]["sem_seg"]
+            for method, w in (("uniform", w_uniform), ("semla", w_semla)):
+                text = fused_text_features(model, library, w)
+                with fused_adapters(model, library, w):
+                    preds[method] = model([x], text_features=text)[0]["sem_seg"]
+            examples.append(
+                {
+                    "target": target,
+                    "image": image,
+                    "label": np.asarray(x["sem_seg"]),
+                    **{
+                        m: np.asarray(label_prediction(p, x["sem_seg"], resize_to_label=False))
+                        for m, p in preds.items()
+                    },
+                    "weights": dict(zip(entry["adapters"], entry["weights"])),
+                }
+            )
+    return examples
+
+
+def plot_examples(examples: list[dict], path: Path, scale: int = 3) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    palette = cityscapes_palette()
+    columns = [("image", "image"), ("label", "ground truth"), ("zeroshot", "zero-shot"),
+               ("uniform", "uniform (leave-one-out)"), ("semla", "SemLA (leave-one-out)")]  # fmt: skip
+    fig, axes = plt.subplots(
+        len(examples), len(columns), figsize=(2.6 * len(columns), 2.75 * len(examples)), squeeze=False
+    )
+    for row, example in zip(axes, examples):
+        for ax, (key, title) in zip(row, columns):
+            picture = (
+                example[key] if key == "image" else palette[np.asarray(example[key], dtype=np.int64) % 256]
+            )
+            ax.imshow(np.kron(picture, np.ones((scale, scale, 1), dtype=np.uint8)), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if key == "image":
+                ax.set_ylabel(_short(example["target"]), fontsize=10)
+            ax.set_title(title, fontsize=9)
+        top = sorted(example["weights"].items(), key=lambda kv: -kv[1])[:2]
+        row[-1].set_xlabel(", ".join(f"{_short(n)} {w:.2f}" for n, w in top), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_tables(
+    tables: Mapping[str, Mapping[str, Mapping[str, float]]], accuracy: Mapping[str, float]
+) -> str:
+    lines = []
+    for setting, table in tables.items():
+        lines.append(f"IoU (%) per target, {setting}:")
+        header = f"  {'target':<14}" + "".join(f"{LABELS[m]:>11}" for m in METHODS)
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for target, row in table.items():
+            lines.append(f"  {_short(target):<14}" + "".join(f"{row[m]:>11.2f}" for m in METHODS))
+        means = [float(np.mean([row[m] for row in table.values()])) for m in METHODS]
+        lines.append(f"  {'mean':<14}" + "".join(f"{v:>11.2f}" for v in means))
+        lines.append("")
+    lines.append(
+        "retrieval accuracy of the embedder (validation images whose nearest prototype is their condition):"
+    )
+    lines.append("  " + ", ".join(f"{_short(d)} {a:.2f}" for d, a in accuracy.items()))
+    lines.append(f"  mean {float(np.mean(list(accuracy.values()))):.2f}")
+    return "\n".join(lines)
+
+
+def report(
+    output: Path,
+    *,
+    world: Path,
+    clip: Path,
+    base: Path,
+    library: Path,
+    results: Mapping[str, Path],
+    seed: int,
+) -> dict:
+    """Write ``summary.txt`` and the three pictures into ``output``; returns the numbers and the text."""
+    domains = [
+        line[2:].strip()
+        for line in (output / "domains.yaml").read_text().splitlines()
+        if line.startswith("- ")
+    ]
+    # The later settings hold only the methods that depend on the setting (uniform, SemLA).
+    first = next(iter(results.values()))
+    tables = {setting: results_table(first, folder) for setting, folder in results.items()}
+    accuracy = retrieval_accuracy(world, clip, library, domains)
+    matrices = {setting: mean_weights(folder, domains) for setting, folder in results.items()}
+    pictures = [
+        plot_miou(tables, output / "miou.png"),
+        plot_weights(matrices, domains, output / "semla_weights.png"),
+    ]
+    leave_one_out = list(results.values())[-1]
+    targets = tuple(t for t in EXAMPLE_TARGETS if t in domains) or tuple(domains[:4])
+    examples = example_predictions(world, base, library, clip, leave_one_out, domains, targets)
+    pictures.append(plot_examples(examples, output / "examples.png"))
+    text = format_tables(tables, accuracy)
+    (output / "summary.txt").write_text(text + "\n", encoding="utf-8")
+    return {"tables": tables, "accuracy": accuracy, "pictures": pictures, "text": text, "seed": seed}

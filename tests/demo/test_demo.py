@@ -1,0 +1,159 @@
+"""``make demo`` in its --quick form, and demo.py: every output file, numbers that agree, pictures that show."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # demo.py is a script at the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:  # noqa: ANN001
+    """The whole demo, quick form (4 conditions, a few images, a few iterations)."""
+    from semla_demo.pipeline import run
+
+    output = tmp_path_factory.mktemp("demo")
+    return output, run(output, seed=0, quick=True)
+
+
+def _not_blank(path: Path, size: tuple[int, int] | None = None) -> None:
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.std() > 10, f"{path} looks blank"
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 20, f"{path} has almost no colours"
+    if size is not None:
+        assert image.shape[1::-1] == size, (path, image.shape)
+
+
+def test_quick_demo_writes_every_output(quick) -> None:  # noqa: ANN001
+    output, result = quick
+    for name in ("summary.txt", "miou.png", "semla_weights.png", "examples.png", "domains.yaml", "init.pth"):
+        assert (output / name).is_file(), name
+    assert (output / "clip" / "open_clip_config.json").is_file()
+    assert (output / "base" / "model_final.pth").is_file()
+    domains = [d.strip("- \n") for d in (output / "domains.yaml").read_text().splitlines()]
+    assert len(domains) == 4
+    for d in domains:
+        assert (output / "loradb" / d / "adapter_model.safetensors").is_file()
+        assert (output / "loradb" / d / f"{d}_statistics.npz").is_file()
+    for setting, methods in (
+        ("with_target", ("zeroshot", "uniform", "semla", "oracle")),
+        ("leave_one_out", ("uniform", "semla")),
+    ):
+        for method in methods:
+            results = json.loads((output / "results" / setting / method / "results.json").read_text())
+            assert list(results) == domains
+    assert [name for name, _ in result["timings"]] == [
+        "world",
+        "clip",
+        "base",
+        "adapters",
+        "statistics",
+        "experiments",
+        "experiments",
+        "report",
+    ]
+
+
+def test_printed_table_equals_results_json(quick) -> None:  # noqa: ANN001
+    output, result = quick
+    text = (output / "summary.txt").read_text()
+    assert text.strip() == result["text"].strip()
+    blocks = text.split("IoU (%) per target, ")[1:]
+    assert len(blocks) == 2
+    folders = {"with the target's adapter": "with_target", "leave-one-out": "leave_one_out"}
+    columns = ("zeroshot", "uniform", "semla", "oracle")
+    for block in blocks:
+        setting = block.split(":")[0]
+        rows = [
+            line.split()
+            for line in block.splitlines()[3:]
+            if line.strip() and not line.startswith("retrieval")
+        ]
+        for row in rows:
+            if row[0] == "mean":
+                continue
+            target = f"muses-{row[0]}"
+            for column, value in zip(columns, row[1:5]):
+                folder = folders[setting] if column in ("uniform", "semla") else "with_target"
+                expected = json.loads((output / "results" / folder / column / "results.json").read_text())[
+                    target
+                ]
+                assert float(value) == pytest.approx(expected, abs=0.005), (setting, target, column)
+    accuracy = re.search(r"mean (\d\.\d\d)", text.split("retrieval accuracy")[1])
+    assert accuracy is not None and 0.0 <= float(accuracy.group(1)) <= 1.0
+
+
+def test_pictures_open_have_their_size_and_are_not_blank(quick) -> None:  # noqa: ANN001
+    output, _ = quick
+    _not_blank(output / "miou.png", (1100, 680))
+    _not_blank(output / "semla_weights.png")
+    _not_blank(output / "examples.png")
+
+
+def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> None:  # noqa: ANN001
+    """demo.py on a world image: custom vocabulary; with the library, the printed weights sum to 1 and equal
+    semla_weights on the image's embedding."""
+    import demo
+    from domain_orchestrator.embedding import load_embedder
+    from domain_orchestrator.prototypes import load_prototypes
+    from domain_orchestrator.retrieval import scores, semla_weights
+
+    output, _ = quick
+    image = sorted((output / "world" / "muses" / "frame_camera" / "val" / "fog" / "day").glob("*.png"))[0]
+    common = ["--weights", str(output / "base" / "model_final.pth"), "--input", str(image)]
+    assert demo.main([*common, "--classes", "road, sky,car ,building", "--output", str(tmp_path / "zs")]) == 0
+    label = np.asarray(Image.open(tmp_path / "zs" / f"{image.stem}_label.png"))
+    assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 1, 2, 3}
+    _not_blank(tmp_path / "zs" / f"{image.stem}_overlay.png")
+    assert not (tmp_path / "zs" / f"{image.stem}_weights.png").exists()
+    capsys.readouterr()
+
+    library, clip = output / "loradb", output / "clip"
+    args = [
+        *common,
+        "--output",
+        str(tmp_path / "semla"),
+        "--lora_library_path",
+        str(library),
+        "--embedding_model",
+        str(clip),
+    ]
+    assert demo.main(args) == 0
+    printed = capsys.readouterr().out
+    pairs = re.findall(r"(muses-[a-z]+-[a-z]+) ([0-9.]+)", printed.split("weights:")[1])
+    weights = {name: float(w) for name, w in pairs}
+    assert sum(weights.values()) == pytest.approx(1.0, abs=1e-3)
+    _not_blank(tmp_path / "semla" / f"{image.stem}_weights.png")
+    names = sorted(p.name for p in library.iterdir() if (p / "adapter_config.json").is_file())
+    embedder = load_embedder(str(clip))
+    prototypes = torch.from_numpy(load_prototypes(library, names, embedder.identity).vectors)
+    embedding = torch.from_numpy(embedder.embed_files([image], batch_size=1, progress=False))
+    expected = semla_weights(scores(embedding, prototypes), 5, 0.05)[0]
+    assert weights == pytest.approx({n: float(w) for n, w in zip(names, expected) if w > 0}, abs=1e-4)
+
+
+def test_demo_py_errors_are_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
+    import demo
+
+    assert demo.main(["--input", str(tmp_path / "nothing.png"), "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("demo.py: error: --input") and "Traceback" not in err
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    assert (
+        demo.main(["--input", str(image), "--output", str(tmp_path), "--weights", str(tmp_path / "none.pth")])
+        == 1
+    )
+    assert "checkpoint" in capsys.readouterr().err
