@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=int,
-        default=None,
-        help="batch size of (d); default 8",
+        default=8,
+        help="batch size of (d)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
@@ -109,7 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, cs19, ade150, canvas = CONFIGS[args.preset]
     side = args.image_size or canvas
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.batch = args.batch or 8
     model = make_model(args.preset, cs19, device)
     targets = semla_target_modules(model)
     shapes = linear_shapes(model, targets)
