@@ -60,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch",
         type=int,
-        default=None,
-        help="batch size of (d); default 8 on CUDA, 2 on CPU (ViT-B CAT-Seg needs ~6 GB per image on CPU: "
-        "the class attention pads every view to 256 classes)",
+        default=8,
+        help="batch size of (d)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
@@ -111,7 +110,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, cs19, ade150, canvas = CONFIGS[args.preset]
     side = args.image_size or canvas
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.batch = args.batch or (8 if device.startswith("cuda") else 2)
     model = make_model(args.preset, cs19, device)
     targets = semla_target_modules(model)
     shapes = linear_shapes(model, targets)

@@ -52,14 +52,25 @@ class _LayerFusion:
         self.idx = idx  # (B, K) long
         self.coef = coef  # (B, K) weights * scaling
         self.mode = mode
+        self._factors: dict[tuple[torch.dtype, bool], tuple[Tensor, Tensor]] = {}
 
     def factors(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(down (B, K*R, in), up (B, out, K*R)) in ``dtype``.
+
+        Gathered once per block (per dtype and inference mode) and reused: CAT-Seg calls its aggregator
+        layers once per chunk of rows, many times per forward. Not cached when they take part in autograd.
+        """
+        key = (dtype, torch.is_inference_mode_enabled())
+        if key in self._factors:
+            return self._factors[key]
         batch, k = self.idx.shape
         rank = self.stack.A.shape[1]
         down = self.stack.A[self.idx].reshape(batch, k * rank, -1).to(dtype)  # (B, K*R, in)
         up = self.stack.B[self.idx]  # (B, K, out, R)
         up = up * self.coef[:, :, None, None].to(up.dtype)
         up = up.permute(0, 2, 1, 3).reshape(batch, up.shape[2], k * rank).to(dtype)  # (B, out, K*R)
+        if not (down.requires_grad or up.requires_grad):
+            self._factors[key] = (down, up)
         return down, up
 
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:

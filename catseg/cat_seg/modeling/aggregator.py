@@ -1,18 +1,42 @@
 """CAT-Seg cost aggregation: cost volume, spatial (swin) and class (linear attention) aggregation, decoder.
 
-Shape letters: B batch (views), C channels, T classes, P prompt templates, H x W the CLIP token grid.
+Shape letters: B batch (views), C channels, T classes, P prompt templates, H x W the CLIP token grid,
+L = H * W positions.
 Parameter names follow the released CAT-Seg checkpoints (``layers.N.swin_block.block_1.attn.q``, ...),
 because SemLA's adapters address these modules by name.
+
+The computation is CAT-Seg's, organised for speed without changing its result:
+
+- the class attention does not materialise its padding (see :class:`ClassTransformerLayer`);
+- guidance shared by the classes of an image is broadcast, never repeated per class;
+- the cost embedding travels between the spatial and the class stages as (B, T, H, W, C)-contiguous
+  tokens, the layout both of them read, so no transposing copy sits between them;
+- the stages whose rows are independent (spatial blocks: per class; class attention: per position;
+  decoder: per class map) run on chunks of about :data:`CHUNK_ROWS` rows, so that their temporaries stay
+  small. Chunks always hold every image of the batch, because per-image fused LoRA adapters split a
+  layer's input into images along its leading axis.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
+
+#: Rows (positions x classes x images) a chunked stage processes at once. On CPU, large temporaries cost
+#: more than their arithmetic (fresh pages, cache misses): ~6k rows of width 128-512 keep them in the
+#: caches and in memory the allocator reuses, and still make efficient matrix products.
+CHUNK_ROWS = 6144
+
+
+def chunks(total: int, step: int) -> list[slice]:
+    """Consecutive slices of ``range(total)``, ``step`` long (the last may be shorter)."""
+    step = max(int(step), 1)
+    return [slice(start, min(start + step, total)) for start in range(0, total, step)]
 
 
 class Mlp(nn.Module):
@@ -31,17 +55,6 @@ class Mlp(nn.Module):
 def window_partition(x: Tensor, window: int) -> Tensor:
     """(B, H, W, C) -> (B * H/window * W/window, window * window, C)."""
     return rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=window, ww=window)
-
-
-def window_merge(windows: Tensor, window: int, height: int, width: int) -> Tensor:
-    """Inverse of :func:`window_partition`: (B * nW, window * window, C) -> (B, H, W, C)."""
-    return rearrange(
-        windows,
-        "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c",
-        nh=height // window,
-        nw=width // window,
-        wh=window,
-    )
 
 
 def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Tensor:
@@ -69,6 +82,22 @@ def shifted_window_mask(height: int, width: int, window: int, shift: int) -> Ten
     return mask.to(torch.get_default_device())
 
 
+def window_order(height: int, width: int, window: int, shift: int) -> Tensor:
+    """Where each token of the cyclically shifted, window-partitioned grid comes from.
+
+    ``x[..., window_order(...), :]`` on row-major (H*W) tokens equals Swin's
+    ``window_partition(torch.roll(x, (-shift, -shift)), window)`` with the windows laid end to end, in
+    one gather instead of two copies.
+
+    Returns:
+        (H*W,) int64 row-major source index of each token, windows outermost.
+    """
+    grid = torch.arange(height * width).reshape(1, height, width, 1)
+    if shift:
+        grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(grid, window).reshape(-1)
+
+
 class WindowAttention(nn.Module):
     """Window self-attention whose queries and keys also see the appearance guidance.
 
@@ -86,25 +115,34 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attention inside windows.
+    def forward(self, x: Tensor, num_windows: int, mask: Tensor | None = None) -> Tensor:
+        """Attention inside windows laid end to end along the token axis.
 
         Args:
-            x: (B*nW, N, dim + guidance_dim) window tokens with guidance concatenated.
+            x: (B, nW * N, dim + guidance_dim) tokens in window order with guidance concatenated.
+            num_windows: nW.
             mask: (nW, N, N) additive mask or None.
         Returns:
-            (B*nW, N, dim).
+            (B, nW * N, dim).
         """
-        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads) * self.scale
-        k = rearrange(self.k(x), "b n (h d) -> b h n d", h=self.heads)
-        v = rearrange(self.v(x[..., : self.dim]), "b n (h d) -> b h n d", h=self.heads)
-        attn = q @ k.transpose(-2, -1)  # (B*nW, heads, N, N)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            attn = rearrange(attn, "(b w) h n m -> b w h n m", w=num_windows) + mask[None, :, None]
-            attn = rearrange(attn, "b w h n m -> (b w) h n m")
-        out = attn.softmax(dim=-1) @ v
-        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        batch, length, _ = x.shape
+        win = length // num_windows
+        # The projections are module calls on every row at once: LoRA and fused adapters act on them.
+        q, k = (
+            rearrange(f(x), "b (w n) (h d) -> b w h n d", w=num_windows, h=self.heads)
+            for f in (self.q, self.k)
+        )
+        v = rearrange(self.v(x[..., : self.dim]), "b (w n) (h d) -> b w h n d", w=num_windows, h=self.heads)
+        out = x.new_empty(batch, num_windows, win, self.heads, self.dim // self.heads)
+        # One call per window on strided views: the mask differs between windows but not between
+        # images, so it broadcasts over the batch instead of being copied for every (image, window).
+        for w in range(num_windows):
+            attn_mask = mask[w].to(q.dtype) if mask is not None else None
+            o = F.scaled_dot_product_attention(
+                q[:, w], k[:, w], v[:, w], attn_mask=attn_mask, scale=self.scale
+            )
+            out[:, w] = o.transpose(1, 2)
+        return self.proj(rearrange(out, "b w n h d -> b (w n) (h d)"))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -133,31 +171,38 @@ class SwinTransformerBlock(nn.Module):
             self.register_buffer("attn_mask", shifted_window_mask(*self.resolution, self.window, self.shift))
         else:
             self.attn_mask = None
+        order = window_order(*self.resolution, self.window, self.shift)
+        # Not in the state dict: derived from the geometry, and the checkpoints do not have them.
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, guidance_dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, dim * 4)
 
+    @property
+    def num_windows(self) -> int:
+        return (self.resolution[0] // self.window) * (self.resolution[1] // self.window)
+
     def forward(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         """Args:
-            x: (B, H*W, dim).
-            guidance: (B, H*W, guidance_dim) normalised appearance guidance, or None.
+            x: (B, T, H*W, dim) tokens of every class of every image, row-major.
+            guidance: (B, H*W, guidance_dim) normalised appearance guidance, shared by the T classes, or None.
         Returns:
-            (B, H*W, dim).
+            (B, T, H*W, dim).
         """
-        height, width = self.resolution
-        shortcut = x
-        y = rearrange(self.norm1(x), "b (h w) c -> b h w c", h=height)
+        batch, classes, length, _ = x.shape
+        # Work in (shifted) window order: one gather replaces roll + partition, one gather at the end
+        # replaces merge + roll; everything but the attention is per token and does not mind the order.
+        x = x.index_select(2, self.order)
+        y = self.norm1(x)
         if guidance is not None:
-            y = torch.cat([y, rearrange(guidance, "b (h w) c -> b h w c", h=height)], dim=-1)
-        if self.shift:
-            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        y = self.attn(window_partition(y, self.window), mask=self.attn_mask)
-        y = window_merge(y, self.window, height, width)
-        if self.shift:
-            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = shortcut + rearrange(y, "b h w c -> b (h w) c")
-        return x + self.mlp(self.norm2(x))
+            g = guidance.index_select(1, self.order)  # (B, H*W, Cg): per image, not per class
+            y = torch.cat([y, g[:, None].expand(batch, classes, length, g.shape[-1])], dim=-1)
+        y = self.attn(y.flatten(0, 1), self.num_windows, mask=self.attn_mask)  # (B*T, H*W, dim)
+        x = x + y.view_as(x)
+        x = x + self.mlp(self.norm2(x))
+        return x.index_select(2, self.inverse_order)
 
 
 class SwinTransformerBlockWrapper(nn.Module):
@@ -173,47 +218,100 @@ class SwinTransformerBlockWrapper(nn.Module):
 
     def forward(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         """Args:
-            x: (B, C, T, H, W) cost embedding.
+            x: (B, C, T, H, W) cost embedding; any memory layout, (B, T, H, W, C)-contiguous needs no copy.
             guidance: (B, Cg, H, W) projected appearance guidance, or None.
         Returns:
-            (B, C, T, H, W).
+            (B, C, T, H, W), (B, T, H, W, C)-contiguous.
         """
         batch, _, classes, height, width = x.shape
-        x = rearrange(x, "b c t h w -> (b t) (h w) c")
+        x = rearrange(x, "b c t h w -> b t (h w) c")
         if guidance is not None and self.guidance_norm is not None:
-            guidance = self.guidance_norm(repeat(guidance, "b c h w -> (b t) (h w) c", t=classes))
-        x = self.block_1(x, guidance)
-        x = self.block_2(x, guidance)
-        return rearrange(x, "(b t) (h w) c -> b c t h w", b=batch, h=height, w=width)
+            # Normalised once per image; the classes share it by broadcasting.
+            guidance = self.guidance_norm(rearrange(guidance, "b c h w -> b (h w) c"))
+        else:
+            guidance = None
+        # Each class is its own sequence here: chunks of classes (with every image) are independent.
+        outs = [
+            self.block_2(self.block_1(x[:, part], guidance), guidance)
+            for part in chunks(classes, CHUNK_ROWS // (batch * height * width))
+        ]
+        x = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return rearrange(x, "b t (h w) c -> b c t h w", h=height)
 
 
-def linear_attention(q: Tensor, k: Tensor, v: Tensor, eps: float = 1e-6) -> Tensor:
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pad_k: Tensor | None = None,
+    pad_v: Tensor | None = None,
+    multiplicity: int = 0,
+    eps: float = 1e-6,
+) -> Tensor:
     """Linear attention with the elu + 1 feature map (Katharopoulos et al. 2020, as used by CAT-Seg).
 
-    Values are divided by the sequence length and the result multiplied back (an fp16 overflow guard
-    of the original; kept so that results match to the last bit pattern the maths allows).
+    The sequence (the classes) is axis 1; N and L (positions) are batch axes. An optional padding
+    key/value pair stands for ``multiplicity`` identical keys and values appended to the sequence: it
+    enters the key sum and the key-value sum that many times, which is what the padded sequence computes.
+    Values are divided by the sequence length and the result multiplied back (an fp16 overflow guard of
+    the original).
 
     Args:
-        q: (N, L, H, D) queries.
-        k: (N, S, H, D) keys.
-        v: (N, S, H, V) values.
+        q: (N, S, L, H, D) queries.
+        k: (N, S, L, H, D) keys.
+        v: (N, S, L, H, E) values.
+        pad_k: (N, H, D) padding key, shared by the L positions, or None.
+        pad_v: (N, H, E) padding value, or None.
+        multiplicity: m, how many copies of the padding key/value the sequence holds.
     Returns:
-        (N, L, H, V).
+        (N, S, L, H, E).
     """
     q = F.elu(q) + 1
     k = F.elu(k) + 1
-    length = v.shape[1]
+    length = v.shape[1] + multiplicity
     v = v / length
-    kv = torch.einsum("nshd,nshv->nhdv", k, v)
-    z = 1 / (torch.einsum("nlhd,nhd->nlh", q, k.sum(dim=1)) + eps)
-    return torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z) * length
+    kv = torch.einsum("nslhd,nslhe->nlhde", k, v)
+    k_sum = k.sum(dim=1)  # (N, L, H, D)
+    if multiplicity and pad_k is not None and pad_v is not None:
+        pad_k = F.elu(pad_k) + 1
+        kv = kv + (multiplicity * torch.einsum("nhd,nhe->nhde", pad_k, pad_v / length))[:, None]
+        k_sum = k_sum + multiplicity * pad_k[:, None]
+    z = 1 / (torch.einsum("nslhd,nlhd->nslh", q, k_sum) + eps)
+    return torch.einsum("nslhd,nlhde->nslhe", q, kv) * (z * length)[..., None]
 
 
-def full_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention, (N, L, H, D) x (N, S, H, D) x (N, S, H, V) -> (N, L, H, V)."""
-    scale = q.shape[-1] ** -0.5
-    attn = torch.einsum("nlhd,nshd->nhls", q * scale, k).softmax(dim=-1)
-    return torch.einsum("nhls,nshv->nlhv", attn, v)
+def full_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pad_k: Tensor | None = None,
+    pad_v: Tensor | None = None,
+    multiplicity: int = 0,
+) -> Tensor:
+    """Softmax attention along dim 1, with an optional padding key/value of multiplicity m.
+
+    m identical keys contribute m * exp(q.k_pad) to the softmax, so the padding is one extra key whose
+    logit is raised by log m.
+
+    Args:
+        q, k: (N, S, L, H, D); v: (N, S, L, H, E).
+        pad_k: (N, H, D), pad_v: (N, H, E) or None.
+        multiplicity: m.
+    Returns:
+        (N, S, L, H, E).
+    """
+    n, s, length = q.shape[:3]
+    q4, k4, v4 = (rearrange(t, "n s l h d -> (n l) h s d") for t in (q, k, v))
+    bias = None
+    if multiplicity and pad_k is not None and pad_v is not None:
+        k4 = torch.cat([k4, repeat(pad_k, "n h d -> (n l) h 1 d", l=length)], dim=2)
+        v4 = torch.cat([v4, repeat(pad_v, "n h e -> (n l) h 1 e", l=length)], dim=2)
+        bias = q.new_zeros(1, s + 1)  # (queries, keys), broadcast over queries
+        bias[:, -1] = math.log(multiplicity)
+    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias)
+    return rearrange(out, "(n l) h s e -> n s l h e", n=n)
 
 
 class AttentionLayer(nn.Module):
@@ -229,21 +327,62 @@ class AttentionLayer(nn.Module):
         self.k = nn.Linear(dim + guidance_dim, dim)
         self.v = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, guidance: Tensor | None) -> Tensor:
-        """(N, T, dim) tokens and (N, T, guidance_dim) guidance -> (N, T, dim)."""
-        qk_in = torch.cat([x, guidance], dim=-1) if guidance is not None else x
-        q = rearrange(self.q(qk_in), "n l (h d) -> n l h d", h=self.heads)
-        k = rearrange(self.k(qk_in), "n s (h d) -> n s h d", h=self.heads)
-        v = rearrange(self.v(x), "n s (h d) -> n s h d", h=self.heads)
+    def padding_key_value(self, token: Tensor, guidance: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Key and value of the padding class.
+
+        Args:
+            token: (B, 1, dim) normalised padding token, one row per image (not one shared row), so
+                that per-image fused adapters apply to it as to the image's other rows.
+            guidance: (B, 1, guidance_dim) padding guidance, or None.
+        Returns:
+            key (B, heads, D) and value (B, heads, D).
+        """
+        k_in = torch.cat([token, guidance], dim=-1) if guidance is not None else token
+        key = rearrange(self.k(k_in), "b 1 (h d) -> b h d", h=self.heads)
+        value = rearrange(self.v(token), "b 1 (h d) -> b h d", h=self.heads)
+        return key, value
+
+    def forward(
+        self,
+        x: Tensor,
+        guidance: Tensor | None,
+        padding: tuple[Tensor, Tensor] | None = None,
+        multiplicity: int = 0,
+    ) -> Tensor:
+        """Attention across classes at every position.
+
+        Args:
+            x: (B, T, L, dim) normalised tokens of T classes at L positions.
+            guidance: (B, T, guidance_dim) text guidance, shared by the L positions, or None.
+            padding: key and value of a padding class (:meth:`padding_key_value`) that stands for
+                ``multiplicity`` identical classes after the T real ones; it serves as key and value
+                only (its own outputs are discarded by CAT-Seg).
+            multiplicity: m >= 0.
+        Returns:
+            (B, T, L, dim), the real classes' outputs.
+        """
+        batch, classes, length, _ = x.shape
+        if guidance is not None:
+            qk_in = torch.cat([x, guidance[:, :, None].expand(batch, classes, length, -1)], dim=-1)
+        else:
+            qk_in = x
+        q, k = (rearrange(f(qk_in), "b t l (h d) -> b t l h d", h=self.heads) for f in (self.q, self.k))
+        v = rearrange(self.v(x), "b t l (h d) -> b t l h d", h=self.heads)
+        pad_k, pad_v = padding if padding is not None and multiplicity > 0 else (None, None)
         attend = linear_attention if self.attention_type == "linear" else full_attention
-        return rearrange(attend(q, k, v), "n l h d -> n l (h d)")
+        out = attend(q, k, v, pad_k=pad_k, pad_v=pad_v, multiplicity=multiplicity)
+        return rearrange(out, "b t l h d -> b t l (h d)")
 
 
 class ClassTransformerLayer(nn.Module):
     """Attention across classes at every (pooled) spatial position.
 
-    The class axis is padded to ``pad_len`` with a learnt token (and a learnt guidance); the padding
-    takes part in the attention, as in CAT-Seg, and is dropped afterwards.
+    CAT-Seg pads the class axis to ``pad_len`` with copies of a learnt token (and of a learnt guidance);
+    the padding takes part in the attention and is dropped afterwards. The copies are identical, so
+    this layer computes the same result from the T real classes plus one padding class counted
+    m = ``pad_len - T`` times as key and value (exact; see :func:`linear_attention` and
+    :func:`full_attention`). The padding's own outputs (attention, MLP, residual) are discarded by
+    CAT-Seg and are not computed.
     """
 
     def __init__(
@@ -270,34 +409,46 @@ class ClassTransformerLayer(nn.Module):
 
     def forward(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         """Args:
-            x: (B, C, T, H, W).
+            x: (B, C, T, H, W); any memory layout, (B, T, H, W, C)-contiguous needs no copy.
             guidance: (B, T, Cg) projected text guidance, or None.
         Returns:
-            (B, C, T, H, W).
+            (B, C, T, H, W), in the memory layout of ``x``.
         """
         batch, _, classes, height, width = x.shape
-        pooled = rearrange(x, "b c t h w -> (b t) c h w")
-        if self.pooling_size != (1, 1):
-            pooled = F.avg_pool2d(pooled, self.pooling_size)
-        ph, pw = pooled.shape[-2:]
-        pooled = rearrange(pooled, "(b t) c h w -> b c t h w", b=batch)
-        pad = self.pad_len - classes if self.padding_tokens is not None else 0
-        if pad > 0:
-            tokens = repeat(self.padding_tokens, "1 1 c -> b c t h w", b=batch, t=pad, h=ph, w=pw)
-            pooled = torch.cat([pooled, tokens], dim=2)
-        seq = rearrange(pooled, "b c t h w -> (b h w) t c")
-        if guidance is not None:
-            if pad > 0 and self.padding_guidance is not None:
-                extra = repeat(self.padding_guidance, "1 1 c -> b t c", b=batch, t=pad)
-                guidance = torch.cat([guidance, extra], dim=1)
-            guidance = repeat(guidance, "b t c -> (b h w) t c", h=ph, w=pw)
-        seq = seq + self.attention(self.norm1(seq), guidance)
-        seq = seq + self.MLP(self.norm2(seq))
-        out = rearrange(seq, "(b h w) t c -> (b t) c h w", b=batch, h=ph)
-        if (ph, pw) != (height, width):
-            out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=True)
-        out = rearrange(out, "(b t) c h w -> b c t h w", b=batch)
-        return x + out[:, :, :classes]
+        pooled = self.pooling_size != (1, 1)
+        if pooled:
+            y = F.avg_pool2d(rearrange(x, "b c t h w -> (b t) c h w"), self.pooling_size)
+            ph = y.shape[-2]
+            tokens = rearrange(y, "(b t) c h w -> b t (h w) c", b=batch)
+        else:
+            ph = height
+            tokens = rearrange(x, "b c t h w -> b t (h w) c")
+        # With more classes than pad_len (only when called outside the aggregator), nothing is padded.
+        multiplicity = max(self.pad_len - classes, 0) if self.padding_tokens is not None else 0
+        padding = None
+        if multiplicity > 0:
+            pad_guidance = None
+            if guidance is not None and self.padding_guidance is not None:
+                pad_guidance = self.padding_guidance.expand(batch, 1, -1)
+            token = self.norm1(self.padding_tokens).expand(batch, 1, -1)
+            padding = self.attention.padding_key_value(token, pad_guidance)
+        # Positions are independent here: chunks of positions (with every class and image).
+        outs = []
+        for part in chunks(tokens.shape[2], CHUNK_ROWS // (batch * classes)):
+            t = tokens[:, :, part]
+            t = t + self.attention(self.norm1(t), guidance, padding, multiplicity)
+            outs.append(t + self.MLP(self.norm2(t)))
+        tokens = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, T, L', C)
+        if pooled:
+            out = F.interpolate(
+                rearrange(tokens, "b t (h w) c -> (b t) c h w", h=ph),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=True,
+            )
+            return x + rearrange(out, "(b t) c h w -> b c t h w", b=batch)
+        # As CAT-Seg: the layer's output is added to its input, which the attention residual holds too.
+        return x + rearrange(tokens, "b t (h w) c -> b c t h w", h=height)
 
 
 class AggregatorLayer(nn.Module):
@@ -353,6 +504,28 @@ class DoubleConv(nn.Module):
         return self.double_conv(x)
 
 
+def upsample_2x(up: nn.ConvTranspose2d, x: Tensor) -> Tensor:
+    """A kernel-2, stride-2 transposed convolution as one matrix product.
+
+    Each input pixel writes its own 2 x 2 output block (no overlap), so the transposed convolution is
+    ``x @ W`` per pixel followed by a pixel shuffle; computed in channels-last order, which the following
+    convolutions read without a copy.
+
+    Args:
+        up: the ``ConvTranspose2d(C, C', kernel_size=2, stride=2)`` whose weights to use.
+        x: (N, C, H, W), any memory layout.
+    Returns:
+        (N, C', 2H, 2W), channels-last.
+    """
+    if up.kernel_size != (2, 2) or up.stride != (2, 2) or up.padding != (0, 0) or up.groups != 1:
+        return up(x)
+    weight = rearrange(up.weight, "c o i j -> c (i j o)")
+    bias = repeat(up.bias, "o -> (ij o)", ij=4) if up.bias is not None else None
+    y = F.linear(rearrange(x, "n c h w -> n h w c"), weight.T, bias)  # (N, H, W, 4 C')
+    y = rearrange(y, "n h w (i j o) -> n (h i) (w j) o", i=2, j=2)
+    return rearrange(y, "n h w o -> n o h w")
+
+
 class Up(nn.Module):
     """2x transposed-conv upsampling, concatenation with guidance, then :class:`DoubleConv`."""
 
@@ -361,18 +534,34 @@ class Up(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 
+    def guidance_features(self, guidance: Tensor) -> Tensor:
+        """The guidance's part of the first convolution, computed once per image.
+
+        That convolution (no bias) of ``[upsampled x, guidance]`` is the sum of a convolution of each;
+        the classes of an image share the guidance, so its part is computed once and broadcast.
+
+        Args:
+            guidance: (B, Cg, 2H, 2W).
+        Returns:
+            (B, out_channels, 2H, 2W).
+        """
+        conv = self.conv.double_conv[0]
+        return F.conv2d(guidance, conv.weight[:, self.up.out_channels :], padding=conv.padding)
+
     def forward(self, x: Tensor, guidance: Tensor | None) -> Tensor:
         """Args:
-            x: (B*T, C, H, W).
-            guidance: (B, Cg, 2H, 2W), shared by the T classes of each batch element, or None.
+            x: (N, C, H, W) class maps.
+            guidance: features from :meth:`guidance_features` broadcastable to (N, out_channels, 2H, 2W)
+                (e.g. (1, ...) for maps of one image), or None.
         Returns:
-            (B*T, out_channels, 2H, 2W).
+            (N, out_channels, 2H, 2W).
         """
-        x = self.up(x)
-        if guidance is not None:
-            guidance = repeat(guidance, "b c h w -> (b t) c h w", t=x.shape[0] // guidance.shape[0])
-            x = torch.cat([x, guidance], dim=1)
-        return self.conv(x)
+        x = upsample_2x(self.up, x)
+        conv, rest = self.conv.double_conv[0], self.conv.double_conv[1:]
+        if guidance is None:
+            return rest(conv(x))
+        y = F.conv2d(x, conv.weight[:, : self.up.out_channels], padding=conv.padding) + guidance
+        return rest(y)
 
 
 class Aggregator(nn.Module):
@@ -471,6 +660,36 @@ class Aggregator(nn.Module):
         """
         return torch.einsum("bchw,btpc->bpthw", F.normalize(image, dim=1), F.normalize(text, dim=-1))
 
+    def decode(self, x: Tensor, guidance: Sequence[Tensor | None]) -> Tensor:
+        """The decoder, applied to every class map independently.
+
+        Args:
+            x: (B, C, T, H, W) aggregated cost embedding.
+            guidance: projected decoder guidance [(B, C1, 2H, 2W), (B, C2, 4H, 4W)] (or None each).
+        Returns:
+            (B, T, 4H, 4W) logits.
+        """
+        batch, channels, classes, height, width = x.shape
+        first, second = (
+            up.guidance_features(g) if g is not None else None
+            for up, g in zip((self.decoder1, self.decoder2), guidance)
+        )
+        maps = rearrange(x, "b c t h w -> b t c h w")
+        # Class maps are independent and the decoder holds no adapter targets: chunks of a few maps of one
+        # image, whose last activations (4H x 4W x C2 per map) hold about as many numbers as a chunk of the
+        # other stages (CHUNK_ROWS x C).
+        step = CHUNK_ROWS * channels // (16 * height * width * self.head.in_channels)
+        views = []
+        for b in range(batch):
+            g1 = first[b : b + 1] if first is not None else None
+            g2 = second[b : b + 1] if second is not None else None
+            parts = [
+                self.head(self.decoder2(self.decoder1(maps[b, part], g1), g2))[:, 0]
+                for part in chunks(classes, step)
+            ]
+            views.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return torch.stack(views)
+
     def forward(self, image: Tensor, text: Tensor, guidance: Sequence[Tensor]) -> Tensor:
         """Predict per-class logits.
 
@@ -509,10 +728,7 @@ class Aggregator(nn.Module):
         for layer in self.layers:
             x = layer(x, appearance, text_guidance)
 
-        y = rearrange(x, "b c t h w -> (b t) c h w")
-        y = self.decoder1(y, decoder_guidance[0])
-        y = self.decoder2(y, decoder_guidance[1])
-        logits = rearrange(self.head(y), "(b t) 1 h w -> b t h w", b=batch)
+        logits = self.decode(x, decoder_guidance)
         if kept is not None:
             out = logits.new_full((batch, num_classes, *logits.shape[-2:]), -100.0)
             logits = out.scatter(1, kept[..., None, None].expand(-1, -1, *logits.shape[-2:]), logits)

@@ -238,7 +238,7 @@ class CATSeg(nn.Module):
         res5 = self.upsample2(rearrange(g2[:, 1:], "b (h w) c -> b c h w", h=side))
         batch = clip_images.shape[0]
         if text.dim() == 3:
-            text = repeat(text, "t p c -> b t p c", b=batch)
+            text = text.expand(batch, *text.shape)  # shared by every image: a view, not a copy
         elif text.shape[0] != batch:
             raise ValueError(f"per-image text features have batch {text.shape[0]}, images have {batch}")
         return self.sem_seg_head(tokens, [res3, res4, res5], text)
@@ -354,14 +354,15 @@ class CATSeg(nn.Module):
         )
         if text.dim() == 4:
             text = repeat(text, "b t p c -> (b v) t p c", v=num_views)
-        logits = self._predict_logits(clip_images, text)
-        probs = F.interpolate(logits, size=(kernel, kernel), mode="bilinear", align_corners=False).sigmoid()
-        probs = rearrange(probs, "(b v) t h w -> b v t h w", v=num_views)
+        logits = rearrange(self._predict_logits(clip_images, text), "(b v) t h w -> b v t h w", v=num_views)
         coverage = fold(unfold(torch.ones(1, 1, out_res, out_res, device=self.device)))  # (1, 1, R, R)
         results = []
         for i, x in enumerate(batched_inputs):
-            local = fold(rearrange(probs[i, :-1], "l t h w -> 1 (t h w) l")) / coverage  # (1, T, R, R)
-            glob = F.interpolate(probs[i, -1:], size=(out_res, out_res), mode="bilinear", align_corners=False)
+            # One image at a time: its (views, T, kernel, kernel) probabilities, not the whole batch's.
+            probs = F.interpolate(logits[i], size=(kernel, kernel), mode="bilinear", align_corners=False)
+            probs = probs.sigmoid()
+            local = fold(rearrange(probs[:-1], "l t h w -> 1 (t h w) l")) / coverage  # (1, T, R, R)
+            glob = F.interpolate(probs[-1:], size=(out_res, out_res), mode="bilinear", align_corners=False)
             merged = ((local + glob) / 2.0)[0]
             height = int(x.get("height", out_res))
             width = int(x.get("width", out_res))
