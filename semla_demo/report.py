@@ -18,22 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .visualize import cityscapes_palette
+
 logger = logging.getLogger(__name__)
 
 METHODS = ("zeroshot", "uniform", "semla", "oracle")
 LABELS = {"zeroshot": "zero-shot", "uniform": "uniform", "semla": "SemLA", "oracle": "oracle"}
 EXAMPLE_TARGETS = ("muses-fog-day", "muses-rain-night", "muses-snow-day", "muses-clear-night")
-
-
-def cityscapes_palette() -> np.ndarray:
-    """(256, 3) uint8 colour of each Cityscapes train id (black for 255 and unused ids)."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for train_id, label in trainId2label.items():
-        if 0 <= train_id < 255:
-            palette[train_id] = label.color
-    return palette
 
 
 def _read(path: Path) -> dict:

@@ -416,17 +416,6 @@ def write_world(
 # preview
 
 
-def _palette() -> np.ndarray:
-    """(256, 3) uint8 Cityscapes colours by train id (black for 255 and unused ids)."""
-    from cityscapesscripts.helpers.labels import trainId2label
-
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for train_id, lab in trainId2label.items():
-        if 0 <= train_id < 255:
-            palette[train_id] = lab.color
-    return palette
-
-
 def colourise_depth(depth: np.ndarray) -> np.ndarray:
     """(H, W) metres -> (H, W, 3) uint8: log distance from 1 m (white) to the sky (black)."""
     from .scene import SKY_DEPTH
@@ -446,7 +435,9 @@ def preview(
     Returns:
         (rows, cols, 3) uint8 image with a header row naming the columns.
     """
-    palette = _palette()
+    from .visualize import cityscapes_palette
+
+    palette = cityscapes_palette()
     h, w = size
     gap = 2
     titles = [condition_name(wt, t) for (wt, t) in CONDITIONS] + ["label", "depth"]
