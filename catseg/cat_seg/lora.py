@@ -24,6 +24,11 @@ start-up on a small machine). It mirrors PEFT's vocabulary and invariants, and i
 Supported natively: plain LoRA on ``nn.Linear`` targets with any rank, alpha, dropout and rsLoRA, bias
 ``"none"``. Anything else (DoRA, trained biases, rank/alpha patterns, ...) is reported by
 :func:`unsupported_options`; the engine hands such adapters to PEFT.
+
+One addition PEFT does not have: *inert* modules (:meth:`LoraModel.add_adapter`), which hold an adapter's
+factors (saved with it) without ever applying them, as the original SemLA trainer left the LoRA on the
+CLIP attention q/k/v projections (``MODEL.LORA.REFERENCE_TRAINING``). An adapter trained so records it in
+``semla_training.json`` beside its PEFT files (:func:`read_training_record`); PEFT ignores that file.
 """
 
 from __future__ import annotations
@@ -46,13 +51,16 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_PREFIX",
+    "TRAINING_RECORD_NAME",
     "AdapterError",
     "LoraLinear",
     "LoraModel",
     "LoraSpec",
+    "clip_attention_projections",
     "matches_target",
     "peft_adapter_config",
     "read_adapter",
+    "read_training_record",
     "resolve_target_modules",
     "semla_target_modules",
     "unsupported_options",
@@ -63,6 +71,11 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 #: Where PEFT nests the adapted model: ``PeftModel.base_model`` (a ``LoraModel``) ``.model``.
 PEFT_PREFIX = "base_model.model."
+#: How an adapter was trained, beside its PEFT files (written by reference-mode training runs).
+TRAINING_RECORD_NAME = "semla_training.json"
+_CLIP_ATTENTION_PROJECTION = re.compile(
+    r"(^|\.)clip_model\.(visual\.)?transformer\.resblocks\.\d+\.attn\.[qkv]_proj$"
+)
 
 #: ``adapter_config.json`` as PEFT 0.21.2 (the version in ``uv.lock``) writes it for a LoRA adapter on a
 #: model that is not a Hugging Face model, before the adapter's own values (``r``, ``lora_alpha``,
@@ -171,6 +184,15 @@ def resolve_target_modules(names: Sequence[str], model: nn.Module) -> list[str]:
     if not_linear:
         raise ValueError(f"LoRA target modules must be nn.Linear layers: {', '.join(not_linear[:5])}")
     return names
+
+
+def clip_attention_projections(names: Sequence[str]) -> list[str]:
+    """The CLIP attention ``q_proj``/``k_proj``/``v_proj`` modules (image and text towers) among ``names``.
+
+    These are the LoRA targets the original SemLA code never calls (REFERENCE.md §6 Q1): 108 of the 214
+    for CAT-Seg (L).
+    """
+    return [n for n in names if _CLIP_ATTENTION_PROJECTION.search(n)]
 
 
 def matches_target(target_modules: str | Sequence[str], name: str) -> bool:
@@ -406,6 +428,8 @@ class LoraModel(nn.Module):
         self.base_model = _Tuner(model)
         #: adapter name -> settings (PEFT's attribute name).
         self.peft_config: dict[str, LoraSpec] = {}
+        #: adapter name -> module paths that hold it without applying it (see :meth:`add_adapter`).
+        self.inert_modules: dict[str, frozenset[str]] = {}
         self.active_adapter: str | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -430,7 +454,13 @@ class LoraModel(nn.Module):
                 yield name, module
 
     def add_adapter(
-        self, name: str, spec: LoraSpec, *, init: bool = True, trainable: bool = True
+        self,
+        name: str,
+        spec: LoraSpec,
+        *,
+        init: bool = True,
+        trainable: bool = True,
+        inert_modules: Sequence[str] = (),
     ) -> list[str]:
         """Put adapter ``name`` on every module ``spec.target_modules`` selects, and make it the active one.
 
@@ -438,15 +468,22 @@ class LoraModel(nn.Module):
         numbers. With ``trainable``, every parameter of the model is frozen except this adapter's A and
         B (PEFT's rule); otherwise the adapter is frozen too.
 
+        ``inert_modules`` get the adapter like every target (initialised, trainable, saved), but their
+        layers never apply it: the factors get no gradient, so an optimizer that skips gradient-less
+        parameters (AdamW, SGD) leaves them at their initial values (A as drawn, B = 0). This is what the
+        original SemLA trainer did, unknowingly, to the CLIP attention q/k/v projections.
+
         Args:
             name: adapter name.
             spec: its settings.
             init: PEFT's initialisation (see :meth:`LoraLinear.add_adapter`); False to load values next.
             trainable: leave the new adapter's factors trainable.
+            inert_modules: module paths (among the targets) that hold the adapter without applying it.
         Returns:
             the adapted module paths, in module order.
         Raises:
-            ValueError: the name is taken, no module matches, or a match is not an ``nn.Linear``.
+            ValueError: the name is taken, no module matches, a match is not an ``nn.Linear``, or an inert
+                module is not a target.
         """
         if name in self.peft_config:
             raise ValueError(f"adapter {name!r} already exists")
@@ -464,6 +501,9 @@ class LoraModel(nn.Module):
             raise ValueError(
                 f"the native LoRA adapts nn.Linear layers only; not Linear: {', '.join(bad[:5])}"
             )
+        stray = sorted(set(inert_modules) - {p for p, _ in matched})
+        if stray:
+            raise ValueError(f"inert modules that are not targets of adapter {name!r}: {stray[:3]}")
         for path, module in matched:
             if not isinstance(module, LoraLinear):
                 parent_path, _, child = path.rpartition(".")
@@ -471,6 +511,7 @@ class LoraModel(nn.Module):
                 setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
             module.add_adapter(name, spec, init=init)
         self.peft_config[name] = spec
+        self.inert_modules[name] = frozenset(inert_modules)
         self.set_adapter(name, trainable=trainable)
         return [path for path, _ in matched]
 
@@ -480,8 +521,9 @@ class LoraModel(nn.Module):
             raise ValueError(f"no adapter named {name!r} (have {sorted(self.peft_config)})")
         for param in self.parameters():
             param.requires_grad_(False)
-        for _, layer in self.lora_layers():
-            layer.active_adapters = [name] if name in layer.r else []
+        inert = self.inert_modules.get(name, frozenset())
+        for path, layer in self.lora_layers():
+            layer.active_adapters = [name] if name in layer.r and path not in inert else []
             if trainable and name in layer.r:
                 layer.lora_A[name].weight.requires_grad_(True)
                 layer.lora_B[name].weight.requires_grad_(True)
@@ -613,6 +655,27 @@ def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
             f"{folder / ADAPTER_WEIGHTS_NAME}: not a readable safetensors file ({e})"
         ) from None
     return config, tensors
+
+
+def read_training_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The adapter folder's ``semla_training.json`` (how it was trained), or None when it has none.
+
+    Adapters of the original code, and of default-mode runs, have none. Reference-mode runs
+    (``MODEL.LORA.REFERENCE_TRAINING``) write ``{"reference_training": true, ...}``.
+
+    Raises:
+        AdapterError: the file exists but is not a JSON object (naming it).
+    """
+    path = Path(folder) / TRAINING_RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise AdapterError(f"{path}: must hold a JSON object")
+    return record
 
 
 def _short(targets: str | Sequence[str]) -> str:

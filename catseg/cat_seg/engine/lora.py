@@ -23,7 +23,10 @@ Differences from the reference (deliberate):
 - ``target_modules`` in ``adapter_config.json`` is the full list of module paths, in config order, as
   the reference's PEFT 0.10 wrote it (newer PEFT would shorten lists of 20+ names to suffixes).
 - Because our CLIP attention calls its ``q_proj``/``k_proj``/``v_proj`` Linear modules, LoRA on them
-  trains and takes effect (in the original SemLA code they are inert).
+  trains and takes effect (in the original SemLA code they are inert). ``MODEL.LORA.REFERENCE_TRAINING
+  True`` restores the original: those targets keep the adapter (same tensor names and shapes in the file)
+  but never apply it, so their B stays zero; the run records the mode in ``semla_training.json`` beside
+  the adapter's PEFT files.
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ from ..config import lora_target_modules
 from ..lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    TRAINING_RECORD_NAME,
     AdapterError,
     LoraModel,
     LoraSpec,
+    clip_attention_projections,
     peft_adapter_config,
     resolve_target_modules,
     unsupported_options,
@@ -199,17 +204,31 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
     ``MODEL.LORA.BIAS`` is not ``"none"``: PEFT's ``get_peft_model`` then (``peft`` is imported only
     in that case).
 
+    With ``MODEL.LORA.REFERENCE_TRAINING`` the model is prepared as the original trainer had it
+    (REFERENCE.md §6 Q1, Q2): the targets on the CLIP attention q/k/v projections are inert
+    (:meth:`~cat_seg.lora.LoraModel.add_adapter`: they hold the adapter, initialised and "trainable" as
+    in the original, but never apply it, so they get no gradient and B stays zero), and in training mode
+    both decoder guidance features come from the first guidance block (``CATSeg.train_guidance_layers``);
+    in eval mode the model uses its configured blocks.
+
     Args:
         model: a ``CATSeg`` with its base weights loaded (modified in place: LoRA layers are injected).
         cfg: a resolved config.
     Returns:
         the adapted model (``get_base_model()`` is ``model``).
     Raises:
-        ValueError: unknown target modules (naming them), or a bad adapter name.
+        ValueError: unknown target modules (naming them), a bad adapter name, or reference training
+            with options only PEFT implements.
     """
     name = validate_adapter_name(cfg.MODEL.LORA.NAME)
     targets = resolve_target_modules(lora_target_modules(cfg), model)
     peft_only = unsupported_options(_cfg_adapter_config(cfg, targets, model))
+    reference = bool(cfg.MODEL.LORA.REFERENCE_TRAINING)
+    if reference and peft_only:
+        raise ValueError(
+            f"MODEL.LORA.REFERENCE_TRAINING True needs the native LoRA, which does not implement "
+            f"{', '.join(peft_only)} (the original trainer used neither)"
+        )
     if peft_only:
         from peft import get_peft_model
 
@@ -220,7 +239,19 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
         adapted.peft_config[name].target_modules = list(targets)
     else:
         adapted = LoraModel(model)
-        adapted.add_adapter(name, lora_spec_from_cfg(cfg, targets))
+        inert = clip_attention_projections(targets) if reference else []
+        adapted.add_adapter(name, lora_spec_from_cfg(cfg, targets), inert_modules=inert)
+        if reference:
+            first = model.guidance_layers[0]
+            model.train_guidance_layers = (first, first)
+            logger.info(
+                "MODEL.LORA.REFERENCE_TRAINING, as in the original trainer: the LoRA on %d CLIP attention "
+                "q/k/v projections is inert (kept in the adapter, never applied, B stays zero); during "
+                "training both guidance features come from CLIP block %d (evaluation: blocks %s)",
+                len(inert),
+                first,
+                model.guidance_layers,
+            )
     trainable = trainable_state_dict(adapted)
     logger.info(
         "LoRA adapter %r: r=%s alpha=%s on %d modules; %d trainable tensors, %s values",
@@ -264,7 +295,12 @@ def state_digest(tensors: Mapping[str, Tensor]) -> str:
 
 
 def save_adapter(
-    model: AdaptedModel, db_path: str | os.PathLike[str], name: str, *, overwrite: bool = False
+    model: AdaptedModel,
+    db_path: str | os.PathLike[str],
+    name: str,
+    *,
+    overwrite: bool = False,
+    training_record: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save adapter ``name`` to ``<db_path>/<name>/`` in PEFT's format, atomically.
 
@@ -277,6 +313,8 @@ def save_adapter(
         db_path: the adapter library root (created if needed).
         name: the adapter name.
         overwrite: replace an existing ``<db_path>/<name>``.
+        training_record: written as ``semla_training.json`` into the adapter folder when given (how the
+            adapter was trained; PEFT ignores the file).
     Returns:
         the adapter folder.
     Raises:
@@ -296,6 +334,8 @@ def save_adapter(
             for file_name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
                 os.replace(tmp / "out" / file_name, staged / file_name)
         check_adapter_folder(staged)
+        if training_record is not None:
+            (staged / TRAINING_RECORD_NAME).write_text(json.dumps(dict(training_record), indent=2) + "\n")
         for file in staged.iterdir():  # PEFT/safetensors may create private (0o600) files
             file.chmod(default_file_mode())
         staged.chmod(0o777 & ~umask())
