@@ -8,8 +8,9 @@ by round, so that machine noise hits every command alike.
 
 The tools run on tiny inputs: the evaluation runs the ``tiny`` config on one synthetic image and is timed
 until its first forward pass (model built on meta and checked, class names tokenised, model built on the
-CPU, checkpoint loaded); validation checks a synthetic root of every layout, one image per split, and is
-timed to its exit.
+CPU, checkpoint loaded); the LoRA training (``run_lora.sh``'s command line, 2 iterations on one synthetic
+image) is timed until its first step and to its exit; validation checks a synthetic root of every layout,
+one image per split, and is timed to its exit.
 
 Two modes:
 
@@ -25,6 +26,7 @@ archive`` into a temporary folder and put first on ``PYTHONPATH``), so the gain 
 
     flock -x /tmp/semla-cpu.lock uv run python bench/startup.py --reps 5 --reps-no-cache 3 --baseline REV
     uv run python bench/startup.py --reps 1 --modes cache   # a quick look
+    uv run python bench/startup.py --commands "LoRA training" --baseline REV   # some commands only
 
 To time another tool, append a ``Command`` to ``COMMANDS`` (placeholders are listed in ``Command``).
 """
@@ -110,6 +112,40 @@ COMMANDS: list[Command] = [
         until_label="to the first forward",
     ),
     Command(
+        "train_net.py LoRA training as run_lora.sh, tiny config, 2 iterations",
+        (
+            "{catseg}/train_net.py",
+            "--config-file",
+            "{catseg}/configs/tiny/tiny.yaml",
+            "--num-gpus",
+            "1",
+            "--resume",
+            "--no-progress",
+            "--data-root",
+            "{data}",
+            "OUTPUT_DIR",
+            "{out}",
+            "TEST.SLIDING_WINDOW",
+            "True",
+            "MODEL.SEM_SEG_HEAD.POOLING_SIZES",
+            "[1,1]",
+            "MODEL.WEIGHTS",
+            "{weights}",
+            "MODEL.LORA.ENABLED",
+            "True",
+            "MODEL.LORA.DB_PATH",
+            "{out}/loradb",
+            "MODEL.LORA.NAME",
+            "x",
+            "SOLVER.MAX_ITER",
+            "2",
+        ),
+        # Logged once the model is built and checked, the base checkpoint loaded, the adapter attached and
+        # the optimizer built (whose construction imports torch._dynamo, torch's own lazy import).
+        until="training from iteration 0",
+        until_label="to the first step",
+    ),
+    Command(
         "python -m cat_seg.data.validate, synthetic root (40 splits)",
         ("-m", "cat_seg.data.validate", "--root", "{data}"),
         target=True,
@@ -142,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline", default=None, metavar="REV", help="also time the tools on this git revision (e.g. main)"
     )
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--commands",
+        nargs="+",
+        default=None,
+        metavar="TEXT",
+        help="time only the commands whose name contains one of these texts (torch's import is always timed)",
+    )
     return p
 
 
@@ -219,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         empty_cache = tmp_path / "no-pycache"
         empty_cache.mkdir()
 
-        jobs = [(c, code) for c in COMMANDS for code in (codes if c.tool else ["this tree"])]
+        commands = selected_commands(args.commands)
+        jobs = [(c, code) for c in commands for code in (codes if c.tool else ["this tree"])]
         samples: dict[tuple[str, str, str], list[float]] = {}
         totals: dict[tuple[str, str, str], list[float]] = {}
         counter = 0
@@ -266,13 +310,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
     }
-    print(render(results, args.modes, list(codes)))
+    print(render(results, args.modes, list(codes), commands))
     if args.output is not None:
         args.output.write_text(json.dumps(results, indent=1))
     return 0
 
 
-def render(results: dict, modes: Sequence[str], codes: Sequence[str]) -> str:
+def selected_commands(texts: Sequence[str] | None) -> list[Command]:
+    """``COMMANDS`` whose name contains one of ``texts`` (all when None), torch's import always first."""
+    if texts is None:
+        return list(COMMANDS)
+    chosen = [c for c in COMMANDS if c is TORCH or any(t in c.name for t in texts)]
+    if len(chosen) == 1:
+        raise SystemExit(f"--commands {' '.join(texts)}: no command name contains these texts")
+    return chosen
+
+
+def render(
+    results: dict, modes: Sequence[str], codes: Sequence[str], commands: Sequence[Command] = tuple(COMMANDS)
+) -> str:
     """A Markdown table: one row per (command, code), two columns per mode.
 
     A command timed ``until`` a line also gets a row for its whole run (same processes).
@@ -300,7 +356,7 @@ def render(results: dict, modes: Sequence[str], codes: Sequence[str]) -> str:
         )
         return f"| {name} | {code} |{''.join(cells)} {goal} |"
 
-    for command in COMMANDS:
+    for command in commands:
         for code in codes if command.tool else ["this tree"]:
             if command.until is not None:
                 lines.append(line(command, code, to_line=True))

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cat_seg.lora import AdapterError, read_training_record
+
 from .prototypes import StatisticsError, read_statistics
 from .retrieval import scores
 
@@ -53,6 +55,9 @@ class AdapterInfo:
     alpha: float
     scaling: float
     target_modules: tuple[str, ...]
+    #: trained with ``MODEL.LORA.REFERENCE_TRAINING`` (the original trainer's behaviour), as recorded in
+    #: the folder's ``semla_training.json``; False for adapters without that file (released ones included).
+    reference_training: bool = False
 
 
 @dataclass
@@ -293,7 +298,14 @@ def _read_adapter(
         _check_pair(name, module, a, b, rank, modules)
     alpha = float(config["lora_alpha"])
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return AdapterInfo(name, folder, rank, alpha, scaling, tuple(sorted(pairs))), pairs
+    try:
+        record = read_training_record(folder) or {}
+    except AdapterError as e:
+        raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
+    info = AdapterInfo(
+        name, folder, rank, alpha, scaling, tuple(sorted(pairs)), bool(record.get("reference_training"))
+    )
+    return info, pairs
 
 
 def _check_pair(

@@ -600,6 +600,14 @@ class _Session:
                 except AdapterLibraryError as e:
                     problems.append(str(e))
             self.libraries[target.arch] = library
+        opened = next((lib for lib in self.libraries.values() if lib is not None), None)
+        reference = [i.name for i in opened.infos if i.reference_training] if opened is not None else []
+        if reference and info.is_main:
+            logger.warning(
+                "adapters trained in the original trainer's mode (MODEL.LORA.REFERENCE_TRAINING: inert CLIP "
+                "q/k/v LoRA, first guidance block twice during training; see their semla_training.json): %s",
+                ", ".join(reference),
+            )
         self.embedder = None
         self.prototypes: torch.Tensor | None = None
         if "semla" in plan.experiments:
@@ -998,6 +1006,7 @@ def _write_run_config(plan: ExperimentPlan, session: _Session, device: torch.dev
                     "lora_alpha": i.alpha,
                     "scaling": i.scaling,
                     "folder": str(i.folder),
+                    "reference_training": i.reference_training,
                 }
                 for i in library.infos
             ],

@@ -1,8 +1,9 @@
 """Random adapters written in the released library format, for tests, benchmarks and demos.
 
 The files are exactly what PEFT's ``save_pretrained`` writes for a LoRA adapter (``adapter_config.json``
-from :class:`peft.LoraConfig`, ``adapter_model.safetensors`` with ``base_model.model.<module>.lora_A/B.weight``
-and ``{"format": "pt"}`` metadata), plus the SemLA statistics file.
+with every field of PEFT's ``LoraConfig``, ``adapter_model.safetensors`` with
+``base_model.model.<module>.lora_A/B.weight`` and ``{"format": "pt"}`` metadata), written by
+:func:`cat_seg.lora.write_adapter` without importing ``peft``, plus the SemLA statistics file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .library import ADAPTER_WEIGHTS
+from cat_seg.lora import PEFT_PREFIX, LoraSpec, peft_adapter_config, write_adapter
+
 from .prototypes import write_statistics
 
 
@@ -49,21 +51,15 @@ def write_random_adapter(
     Returns:
         the folder.
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(shapes), use_rslora=use_rslora
-    )
-    config.save_pretrained(str(folder))
+    spec = LoraSpec(r=rank, lora_alpha=alpha, target_modules=tuple(shapes), use_rslora=use_rslora)
+    config = peft_adapter_config(spec, None)  # no model class to record: auto_mapping null
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for module, (fan_in, fan_out) in shapes.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * std
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * std
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * std
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * std
+    write_adapter(folder, config, tensors)
     if embedding is not None:
         write_statistics(folder, folder.name, embedding)
     return folder

@@ -316,7 +316,11 @@ def add_lora_config(cfg: CfgNode) -> None:
     """Add SemLA's ``MODEL.LORA`` keys, as the original SemLA code defines them.
 
     ``ENABLED`` defaults to False here (the reference: True); ``MODUELS`` keeps the reference's spelling
-    and its 214 ViT-L module paths.
+    and its 214 ViT-L module paths. ``REFERENCE_TRAINING`` is a semla addition (default False): True makes
+    LoRA training reproduce the original trainer's two quirks (REFERENCE.md §6 Q1, Q2): the LoRA on the
+    CLIP attention ``q_proj``/``k_proj``/``v_proj`` is inert (kept in the adapter with its initial A and a
+    zero B, never applied, never trained), and during training both decoder guidance features come from
+    the first guidance block. Evaluation always uses the configured blocks.
 
     Args:
         cfg: the tree to extend in place.
@@ -332,6 +336,7 @@ def add_lora_config(cfg: CfgNode) -> None:
     cfg.MODEL.LORA.USE_RSLORA = False
     cfg.MODEL.LORA.USE_DORA = False
     cfg.MODEL.LORA.BIAS = "none"
+    cfg.MODEL.LORA.REFERENCE_TRAINING = False  # semla addition: the original trainer's behaviour (Q1, Q2)
 
 
 def get_cfg() -> CfgNode:

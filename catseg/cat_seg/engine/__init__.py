@@ -1,8 +1,9 @@
 """Training and evaluation engine: optimizer and LR schedules, LoRA adapters, checkpoints, the training
 loop, evaluation on registered datasets, and multi-process launch. ``catseg/train_net.py`` is its CLI.
 
-Importing this package reads nothing and does not import ``peft`` (the LoRA functions import it when
-called).
+Importing this package reads nothing and does not import ``peft``: LoRA adapters are the project's own
+(:mod:`cat_seg.lora`); PEFT is imported only for options the native LoRA does not implement (DoRA,
+trained biases).
 """
 
 from .checkpoint import (

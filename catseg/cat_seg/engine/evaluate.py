@@ -61,9 +61,9 @@ __all__ = [
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The ``CATSeg`` inside DistributedDataParallel and/or PEFT wrappers.
+    """The ``CATSeg`` inside DistributedDataParallel and/or LoRA wrappers (native or PEFT).
 
-    PEFT injects its LoRA layers into the base model in place, so the unwrapped model still computes
+    The LoRA layers are injected into the base model in place, so the unwrapped model still computes
     with the active adapter.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):

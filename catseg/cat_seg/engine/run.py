@@ -176,9 +176,13 @@ def resolve_run_paths(cfg: CfgNode, *, cwd: str | os.PathLike[str]) -> CfgNode:
 
 
 def lora_signature(cfg: CfgNode, target_modules: list[str]) -> dict[str, Any]:
-    """What a LoRA checkpoint must share with the run that resumes it."""
+    """What a LoRA checkpoint must share with the run that resumes it.
+
+    ``reference_training`` is present only when ``MODEL.LORA.REFERENCE_TRAINING`` is True, so that
+    checkpoints written before that switch existed still resume default-mode runs.
+    """
     lora = cfg.MODEL.LORA
-    return {
+    signature = {
         "name": lora.NAME,
         "r": int(lora.RANK),
         "lora_alpha": lora.ALPHA,
@@ -187,6 +191,9 @@ def lora_signature(cfg: CfgNode, target_modules: list[str]) -> dict[str, Any]:
         "use_dora": bool(lora.USE_DORA),
         "target_modules": list(target_modules),
     }
+    if lora.REFERENCE_TRAINING:
+        signature["reference_training"] = True
+    return signature
 
 
 def _load_datasets(
@@ -292,6 +299,11 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
         raise ValueError("DATASETS.TEST is empty: nothing to evaluate")
 
     lora_enabled = bool(cfg.MODEL.LORA.ENABLED)
+    if cfg.MODEL.LORA.REFERENCE_TRAINING and not lora_enabled and not options.eval_only:
+        raise ValueError(
+            "MODEL.LORA.REFERENCE_TRAINING True reproduces the original LoRA trainer; it needs "
+            "MODEL.LORA.ENABLED True (run_lora.sh sets it)"
+        )
     _check_weights(cfg, required=lora_enabled or options.eval_only)
     lora = None
     if lora_enabled:
@@ -398,6 +410,18 @@ def _evaluate(plan: RunPlan, model: nn.Module, metrics: MetricsLog, iteration: i
     return results
 
 
+def _training_record(catseg: nn.Module) -> dict[str, Any]:
+    """``semla_training.json`` of an adapter trained with ``MODEL.LORA.REFERENCE_TRAINING``."""
+    return {
+        "reference_training": True,
+        "description": "trained as the original SemLA trainer: LoRA on the CLIP attention q/k/v projections "
+        "inert (B zero), both guidance features from the first guidance block during training; evaluate "
+        "with the configured guidance blocks",
+        "train_guidance_layers": list(catseg.train_guidance_layers),
+        "guidance_layers": list(catseg.guidance_layers),
+    }
+
+
 def _load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, lora: bool, source: Path) -> None:
     """Restore the model part of a checkpoint: the trainable (LoRA) tensors, or the whole state dict."""
     if not lora:
@@ -473,6 +497,9 @@ def run(plan: RunPlan, info: DistInfo | None = None) -> RunOutcome:
                 seed=seed,
                 mode="eval" if options.eval_only else "train",
                 lora=plan.lora["name"] if plan.lora else None,
+                lora_reference_training=bool(
+                    plan.lora and not options.eval_only and cfg.MODEL.LORA.REFERENCE_TRAINING
+                ),
                 data_root=str(plan.data_root),
                 resume_from=str(plan.resume_from) if plan.resume_from else None,
             ),
@@ -486,8 +513,9 @@ def run(plan: RunPlan, info: DistInfo | None = None) -> RunOutcome:
         if plan.lora is not None:
             model = load_adapter(model, cfg.MODEL.LORA.DB_PATH, plan.lora["name"])
         return RunOutcome(model=model, results=_evaluate(plan, model, metrics, None))
+    reference = plan.lora is not None and bool(cfg.MODEL.LORA.REFERENCE_TRAINING)
     if plan.lora is not None:
-        model = attach_lora(model, cfg)
+        model = attach_lora(model, cfg)  # with REFERENCE_TRAINING: inert q/k/v LoRA, training guidance
 
     optimizer, _ = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
@@ -555,7 +583,13 @@ def run(plan: RunPlan, info: DistInfo | None = None) -> RunOutcome:
         adapter = plan.adapter_dir
         if info.is_main:
             # prepare_run refused an existing folder unless --overwrite or resuming this adapter's run.
-            save_adapter(model, cfg.MODEL.LORA.DB_PATH, plan.lora["name"], overwrite=True)  # type: ignore[arg-type]
+            save_adapter(
+                model,  # type: ignore[arg-type]
+                cfg.MODEL.LORA.DB_PATH,
+                plan.lora["name"],
+                overwrite=True,
+                training_record=_training_record(unwrap_model(model)) if reference else None,
+            )
         barrier()
     results = _evaluate(plan, model, metrics, max_iter - 1)
     return RunOutcome(model=model, results=results, adapter=adapter, iteration=max_iter - 1)

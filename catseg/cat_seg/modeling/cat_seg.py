@@ -98,6 +98,9 @@ class CATSeg(nn.Module):
         upsample1: (width -> C4, 2x) transposed conv for the first guidance layer.
         upsample2: (width -> C5, 4x) transposed conv for the second guidance layer.
         guidance_layers: the two CLIP visual blocks whose outputs feed ``upsample1`` and ``upsample2``.
+        train_guidance_layers: the blocks used instead in training mode; None: ``guidance_layers``. The
+            original SemLA LoRA trainer effectively used ``(guidance_layers[0],) * 2`` (its guidance hooks
+            were registered twice; REFERENCE.md §6 Q2), which ``MODEL.LORA.REFERENCE_TRAINING`` restores.
         clip_resolution: side of the square CLIP input.
         pixel_mean, pixel_std: ImageNet normalisation (kept for config parity; CAT-Seg does not use it).
         clip_pixel_mean, clip_pixel_std: CLIP normalisation in 0-255 units.
@@ -118,6 +121,7 @@ class CATSeg(nn.Module):
         upsample2: nn.Module,
         guidance_layers: Sequence[int],
         clip_resolution: int,
+        train_guidance_layers: Sequence[int] | None = None,
         pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
         pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
         clip_pixel_mean: Sequence[float] = (122.7709383, 116.7460125, 104.09373615),
@@ -138,6 +142,7 @@ class CATSeg(nn.Module):
         self.upsample1 = upsample1
         self.upsample2 = upsample2
         self.guidance_layers = tuple(int(i) for i in guidance_layers)
+        self.train_guidance_layers = train_guidance_layers
         self.clip_resolution = int(clip_resolution)
         self.size_divisibility = int(size_divisibility)
         self.sliding_window = sliding_window
@@ -217,6 +222,17 @@ class CATSeg(nn.Module):
             raise RuntimeError("no class names set: call set_class_names() or build the model from a config")
         return self.sem_seg_head.predictor.text_features(tokens)
 
+    @property
+    def train_guidance_layers(self) -> tuple[int, int] | None:
+        """The guidance blocks of training mode, or None when they are ``guidance_layers``."""
+        return self._train_guidance_layers
+
+    @train_guidance_layers.setter
+    def train_guidance_layers(self, layers: Sequence[int] | None) -> None:
+        if layers is not None and len(layers) != 2:
+            raise ValueError(f"train_guidance_layers must name two CLIP blocks, got {list(layers)}")
+        self._train_guidance_layers = None if layers is None else (int(layers[0]), int(layers[1]))
+
     # -- features --------------------------------------------------------------------------------
     def _normalize_for_clip(self, images: Tensor) -> Tensor:
         return (images - self.clip_pixel_mean) / self.clip_pixel_std
@@ -229,8 +245,11 @@ class CATSeg(nn.Module):
             text: (T, P, C) shared or (B, T, P, C) per-image text features.
         """
         visual = self.clip_model.visual
+        layers = self.guidance_layers
+        if self.training and self.train_guidance_layers is not None:
+            layers = self.train_guidance_layers
         tokens, (g1, g2) = visual.forward_intermediates(
-            clip_images.to(self.clip_model.dtype), dense=True, indices=self.guidance_layers
+            clip_images.to(self.clip_model.dtype), dense=True, indices=layers
         )
         side = clip_images.shape[-1] // visual.patch_size
         res3 = rearrange(tokens[:, 1:], "b (h w) c -> b c h w", h=side)
