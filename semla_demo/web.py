@@ -121,8 +121,8 @@ def load_image(path: str | os.PathLike, limits: Limits, workdir: str | os.PathLi
     name = path.name
     too_big = (
         f"{name} is too large: at most {limits.max_pixels / 1e6:g} megapixels are accepted "
-        "(images longer than {side} px are downscaled)"
-    ).replace("{side}", str(limits.max_side))
+        f"(images longer than {limits.max_side} px are downscaled)"
+    )
     try:
         with Image.open(path) as im:
             width, height = im.size
