@@ -8,6 +8,9 @@ Examples (from the repository root, after ``make demo``, which builds the demo m
         --weights catseg/models/model_final.pth --class-json catseg/datasets/cs19.json \\
         --lora_library_path catseg/loradb --embedding_model models/clip-vit-large-patch14 --output out
 
+``python demo.py --web`` serves the same on a web page instead (``semla_demo.web``; see
+``python demo.py --web --help``).
+
 Per image it writes ``<name>_overlay.png`` (the image and its coloured prediction with a legend of the
 classes present) and ``<name>_label.png`` (8-bit class ids); with a library also ``<name>_weights.png``
 (the adapters the image borrowed from and their weights), and prints the same numbers.
@@ -63,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     parser.add_argument(
+        "--web", action="store_true", help="serve the web demo instead (its flags: demo.py --web --help)"
+    )
+    parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="config overrides"
     )
     return parser
@@ -111,6 +117,11 @@ def _missing_demo_files(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from cat_seg.cli import report_errors
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--web" in argv:  # the web page has its own flags (no --input / --output)
+        from semla_demo.web import main as web_main
+
+        return web_main([a for a in argv if a != "--web"], prog="demo.py --web")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return report_errors("demo.py", lambda: _run(args), debug=args.debug)
