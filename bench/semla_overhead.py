@@ -165,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, vision = PRESETS[args.preset]
     opts = ["TEST.SLIDING_WINDOW", "True", "MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1,1]"]
     # the preset's own config lists COCO's 171 classes: evaluate the 19 Cityscapes classes, as ACDC does
-    vocabulary = ["MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", "datasets/cs19.json", "MODEL.SEM_SEG_HEAD.NUM_CLASSES", "19"]
+    vocabulary = [
+        "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON",
+        "datasets/cs19.json",
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES",
+        "19",
+    ]
     cfg = load_config(CATSEG_ROOT / "configs" / config, opts + vocabulary)
     torch.manual_seed(0)
     model = build_model(cfg, device).eval()

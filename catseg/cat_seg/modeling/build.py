@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,19 +95,9 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         pad_len=32,
     ),
 }
-# The tiny CLIP read at twice its training resolution (8 x 8 token grid, position table resized), as CAT-Seg
-# reads the 224-px ViT-B/16 at 384: the demo's model (configs/demo/), which segments 64-px scenes.
-MODEL_PRESETS["tiny_64"] = dataclasses.replace(
-    MODEL_PRESETS["tiny"], clip_resolution=64, sliding_kernel=48, sliding_out_res=80
-)
 
 #: ``MODEL.SEM_SEG_HEAD.CLIP_PRETRAINED`` value -> preset name.
-CLIP_NAME_TO_PRESET = {
-    "ViT-L/14@336px": "vitl_336",
-    "ViT-B/16": "vitb_384",
-    "tiny": "tiny",
-    "tiny@64px": "tiny_64",
-}
+CLIP_NAME_TO_PRESET = {"ViT-L/14@336px": "vitl_336", "ViT-B/16": "vitb_384", "tiny": "tiny"}
 
 
 def preset_for(clip_pretrained: str) -> ModelPreset:
