@@ -90,9 +90,10 @@ def window_order(height: int, width: int, window: int, shift: int) -> Tensor:
     one gather instead of two copies.
 
     Returns:
-        (H*W,) int64 row-major source index of each token, windows outermost.
+        (H*W,) int64 row-major source index of each token, windows outermost, on the CPU (computed there even
+        under a ``meta`` default device, where ``torch.roll`` would import ``torch._dynamo``).
     """
-    grid = torch.arange(height * width).reshape(1, height, width, 1)
+    grid = torch.arange(height * width, device="cpu").reshape(1, height, width, 1)
     if shift:
         grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
     return window_partition(grid, window).reshape(-1)
@@ -172,9 +173,10 @@ class SwinTransformerBlock(nn.Module):
         else:
             self.attn_mask = None
         order = window_order(*self.resolution, self.window, self.shift)
+        device = torch.get_default_device()
         # Not in the state dict: derived from the geometry, and the checkpoints do not have them.
-        self.register_buffer("order", order, persistent=False)
-        self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
+        self.register_buffer("order", order.to(device), persistent=False)
+        self.register_buffer("inverse_order", torch.argsort(order).to(device), persistent=False)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, guidance_dim, heads)
         self.norm2 = nn.LayerNorm(dim)
