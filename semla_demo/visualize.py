@@ -102,7 +102,7 @@ def save_overlay(
     present = [int(i) for _, i in sorted(zip(-counts, ids)) if 0 <= i < len(class_names)][:max_legend]
     height, width = image.shape[:2]
     scale = 4.0 / max(height, width)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * width * scale + 2.6, height * scale + 0.7))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width * scale + 0.4, height * scale + 0.7))
     axes[0].imshow(image)
     axes[0].set_title("image", fontsize=9)
     axes[1].imshow(overlay(image, labels, colours))
@@ -111,12 +111,13 @@ def save_overlay(
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [Patch(facecolor=colours[i] / 255.0, edgecolor="black", label=class_names[i]) for i in present]
-    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    # the legend just right of the prediction; the saved picture is cropped to what is drawn
+    axes[1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
+    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
