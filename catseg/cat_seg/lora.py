@@ -53,6 +53,7 @@ __all__ = [
     "PEFT_PREFIX",
     "TRAINING_RECORD_NAME",
     "AdapterError",
+    "check_adapter_folder",
     "LoraLinear",
     "LoraModel",
     "LoraSpec",
@@ -625,16 +626,13 @@ def write_adapter(
     return folder
 
 
-def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(adapter_config.json, tensors of adapter_model.safetensors)`` of an adapter folder (CPU tensors).
+def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check that ``folder`` holds a PEFT LoRA adapter and return its ``adapter_config.json``.
 
     Raises:
-        FileNotFoundError: the folder or a file is missing.
-        AdapterError: unreadable JSON or safetensors, or not a LoRA config (naming the file).
+        FileNotFoundError: the folder or one of its two files is missing.
+        AdapterError: the config is not valid JSON or not a LoRA config.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
@@ -648,6 +646,21 @@ def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: not a PEFT LoRA config")
+    return config
+
+
+def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(adapter_config.json, tensors of adapter_model.safetensors)`` of an adapter folder (CPU tensors).
+
+    Raises:
+        FileNotFoundError: the folder or a file is missing.
+        AdapterError: unreadable JSON or safetensors, or not a LoRA config (naming the file).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = check_adapter_folder(folder)
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS_NAME))
     except (SafetensorError, OSError) as e:

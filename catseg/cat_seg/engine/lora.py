@@ -53,6 +53,7 @@ from ..lora import (
     AdapterError,
     LoraModel,
     LoraSpec,
+    check_adapter_folder,
     clip_attention_projections,
     peft_adapter_config,
     resolve_target_modules,
@@ -108,29 +109,6 @@ def validate_adapter_name(name: str) -> str:
 def adapter_dir(db_path: str | os.PathLike[str], name: str) -> Path:
     """``<db_path>/<name>``, the folder of one adapter (no trailing-slash rules, unlike the reference)."""
     return Path(db_path) / validate_adapter_name(name)
-
-
-def check_adapter_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """Check that ``folder`` holds a PEFT LoRA adapter and return its ``adapter_config.json``.
-
-    Raises:
-        FileNotFoundError: the folder or one of its two files is missing.
-        AdapterError: the config is not valid JSON or not a LoRA config.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {folder} does not exist")
-    for file_name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-        if not (folder / file_name).is_file():
-            raise FileNotFoundError(f"adapter folder {folder} has no {file_name}")
-    path = folder / ADAPTER_CONFIG_NAME
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: not a PEFT LoRA config")
-    return config
 
 
 def check_adapter_targets(folder: str | os.PathLike[str], model: nn.Module) -> dict[str, Any]:
