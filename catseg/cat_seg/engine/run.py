@@ -378,8 +378,10 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
 
 def _configure_torch(device: torch.device, world_size: int) -> None:
     """Process-wide torch flags of a run (set by the run's entry point only)."""
-    if device.type == "cpu" and world_size > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # no oversubscription
+    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # No oversubscription; an explicit OMP_NUM_THREADS wins (a run that must give the same bytes on
+        # any machine pins it: CPU kernels' results can depend on the thread count).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if device.type == "cuda":
         # As the reference's set_random_seed and main(): deterministic cuDNN, TF32 matmuls.
         torch.backends.cudnn.deterministic = True

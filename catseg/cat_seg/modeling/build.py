@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +96,23 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
         pad_len=32,
     ),
 }
+# The demo's model (configs/demo/): the tiny towers on 64-px inputs, an 8 x 8 token grid (32 x 32 logits).
+MODEL_PRESETS["tiny_64"] = ModelPreset(
+    clip=dataclasses.replace(MODEL_PRESETS["tiny"].clip, image_size=64),
+    clip_resolution=64,
+    guidance_layers=(0, 1),
+    sliding_kernel=48,
+    sliding_out_res=80,
+    pad_len=32,
+)
 
 #: ``MODEL.SEM_SEG_HEAD.CLIP_PRETRAINED`` value -> preset name.
-CLIP_NAME_TO_PRESET = {"ViT-L/14@336px": "vitl_336", "ViT-B/16": "vitb_384", "tiny": "tiny"}
+CLIP_NAME_TO_PRESET = {
+    "ViT-L/14@336px": "vitl_336",
+    "ViT-B/16": "vitb_384",
+    "tiny": "tiny",
+    "tiny-64": "tiny_64",
+}
 
 
 def preset_for(clip_pretrained: str) -> ModelPreset:
