@@ -128,7 +128,7 @@ def _night(scene: Scene, lin: np.ndarray, weather: str, rng: np.random.Generator
     cam = scene.camera
     pts = scene.points  # (H, W, 3) float32 (u, height, z)
     tint = np.array([0.8, 0.9, 1.15]) if rng.random() < 0.5 else np.array([1.1, 0.95, 0.75])  # moon / city
-    irradiance = rng.uniform(0.005, 0.013) * tint
+    irradiance = rng.uniform(0.025, 0.05) * tint
     up = scene.up[None]  # (1, H, W)
     lamps = scene.lamps
     if len(lamps):
