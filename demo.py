@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora_library_path", help="adapter library: apply SemLA per image (default: none, zero-shot)"
     )
     parser.add_argument("--embedding_model", help="the embedder that made the library's statistics (semla)")
-    parser.add_argument("--semla_config", help="YAML with distance_measure_name, temperature, top_k")
+    parser.add_argument(
+        "--semla_config",
+        default=str(REPO_ROOT / "configs" / "demo" / "semla_config.yaml"),
+        help="YAML with distance_measure_name, temperature, top_k (default: the demo's, "
+        "configs/demo/semla_config.yaml)",
+    )
     parser.add_argument(
         "--method",
         choices=("semla", "uniform", "zeroshot"),

@@ -4,16 +4,22 @@ Stages (each prints a progress line with its time):
 
 1. **world**: procedural street scenes under 8 conditions ({clear, fog, rain, snow} x {day, night}),
    written in the MUSES layout (``semla_demo.world``) and checked with ``python -m cat_seg.data.validate``;
-2. **clip**: a tiny open_clip CLIP pre-trained contrastively on the world's training images and their
-   captions (``semla_demo.clip_pretrain``); it initialises the tiny CAT-Seg's CLIP towers and is the
-   retrieval embedder, as OpenAI's CLIP is in the real setup;
-3. **base**: a tiny CAT-Seg trained on clear-day scenes with ``catseg/run.sh``;
-4. **adapters**: one LoRA per condition with ``catseg/run_lora.sh`` (two at a time on two cores);
+2. **clip**: a tiny open_clip CLIP pre-trained on the world's training images: contrastively on captions
+   that name the objects, the weather and the time of day, and, on clear-day images only, patch tokens
+   against class prompts (``semla_demo.clip_pretrain``); it initialises the CAT-Seg's CLIP towers and is
+   the retrieval embedder, as OpenAI's CLIP is in the real setup;
+3. **base**: CAT-Seg (preset ``tiny-64``) trained on clear-day scenes with ``catseg/run.sh`` (two
+   processes);
+4. **adapters**: one LoRA per condition with ``catseg/run_lora.sh`` (two at a time);
 5. **statistics**: each condition's prototype with ``domain_orchestrator/generate_embeddings.py``;
 6. **experiments**: ``experiments.py --experiment zeroshot uniform semla oracle`` twice: with every
    adapter in the library (SemLA must find the target's own without being told the domain) and with
    ``--remove_target_adapter`` (each target a condition never seen);
-7. **report**: the tables, the embedder's retrieval accuracy on validation images, and pictures.
+7. **report**: the tables, the embedder's retrieval confusion, the transfer matrix (every adapter alone
+   on every target) and pictures (``semla_demo.report``).
+
+Every computing process runs a fixed number of threads (:data:`THREADS`, or one for the processes that
+run side by side), so a seed gives the same bytes run after run and on any machine of the same kind.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ CATSEG = REPO_ROOT / "catseg"
 TRAIN_CONFIG = REPO_ROOT / "configs" / "demo" / "train.yaml"
 MODEL_OVERLAY = REPO_ROOT / "configs" / "demo" / "model.yaml"
 BASE_CONDITION = ("clear", "day")
+SEMLA_CONFIG = REPO_ROOT / "configs" / "demo" / "semla_config.yaml"
+#: Overrides of every evaluation of the demo (experiments.py and the report): the 64x64 images fit the
+#: model's input whole, one view instead of the five of the sliding window that experiments.py's
+#: configs otherwise switch on (as the original's experiments do).
+EVAL_OPTS = ("TEST.SLIDING_WINDOW", "False")
+#: Threads of every computing process, whatever the machine: CPU kernels' results can depend on the thread
+#: count, so a pinned count makes a seed give the same bytes on any machine of a kind (``--jobs`` only
+#: changes how many single-thread processes run side by side, never a result).
+THREADS = 2
 METHODS = ("zeroshot", "uniform", "semla", "oracle")
 
 logger = logging.getLogger(__name__)
@@ -56,11 +71,12 @@ class Sizes:
     clip_epochs: int
     base_iters: int
     lora_iters: int
+    clip_batch: int = 64
     conditions: tuple[tuple[str, str], ...] | None = None  # None: all eight
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(train=150, val=30, clip_epochs=15, base_iters=400, lora_iters=64)
+        return cls(train=150, val=30, clip_epochs=20, base_iters=300, lora_iters=64)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -96,12 +112,12 @@ class Stages:
             **os.environ,
             "DETECTRON2_DATASETS": str(self.output / "world"),
             "PYTHON": sys.executable,
-            # Stages that run alone use every core; the adapters train one thread each, several at a time.
+            # A fixed thread count per process (see THREADS), whatever the machine's cores.
             "OMP_NUM_THREADS": str(threads),
             "TRAIN_NET_ARGS": "--device cpu --no-progress --log-period 100",
         }
 
-    def tool(self, name: str, argv: Sequence[str], *, threads: int | None = None) -> None:
+    def tool(self, name: str, argv: Sequence[str], *, threads: int) -> None:
         """Run a project command line; its output goes to ``logs/<name>.log``; a failure stops the demo."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}.log"
@@ -111,7 +127,7 @@ class Stages:
             done = subprocess.run(
                 [str(a) for a in argv],
                 cwd=REPO_ROOT,
-                env=self.env(threads or self.jobs),
+                env=self.env(threads),
                 stdout=f,
                 stderr=subprocess.STDOUT,
             )
@@ -145,6 +161,7 @@ class Stages:
                 "--domains",
                 *domains,
             ],
+            threads=1,
         )
         self.stage(
             "world",
@@ -156,14 +173,34 @@ class Stages:
     def clip(self) -> Path:
         from PIL import Image
 
+        from cat_seg.modeling.text import prompt_templates
+
+        from .canvas import CLASS_NAMES, IGNORE
         from .clip_pretrain import pretrain, save
 
         start = time.monotonic()
         entries = [e for e in self._manifest()["entries"] if e["split"] == "train"]
         root = self.output / "world"
         images = np.stack([np.asarray(Image.open(root / e["image"]).convert("RGB")) for e in entries])
+        # Region labels of the base condition only: the CLIP learns which words name which image regions
+        # on clear days, as web-scale CLIP did on its mostly daytime photos; the other conditions are
+        # captions only.
+        labels = np.stack(
+            [
+                np.asarray(Image.open(root / e["label"]))
+                if (e["weather"], e["time"]) == BASE_CONDITION
+                else np.full(images.shape[1:3], IGNORE, dtype=np.uint8)
+                for e in entries
+            ]
+        )
         model, losses = pretrain(
-            images, [e["caption"] for e in entries], epochs=self.sizes.clip_epochs, seed=self.seed
+            images,
+            [e["caption"] for e in entries],
+            labels=labels,
+            class_prompts=[t.format(name) for name in CLASS_NAMES for t in prompt_templates("single")],
+            epochs=self.sizes.clip_epochs,
+            batch_size=self.sizes.clip_batch,
+            seed=self.seed,
         )
         folder = save(model, self.output / "clip")
         self.stage(
@@ -188,16 +225,19 @@ class Stages:
         )  # the world's CLIP, as OpenAI's for CAT-Seg
         init = save_checkpoint(model, self.output / "init.pth")
         d = domain(*BASE_CONDITION)
+        # Two single-thread processes (DDP over gloo, 4 images each): a quarter faster than one process on
+        # two threads, and the same computation on any machine.
         self.tool(
             "base",
             [
-                "sh", CATSEG / "run.sh", TRAIN_CONFIG, "1", self.output / "base",
+                "sh", CATSEG / "run.sh", TRAIN_CONFIG, "2", self.output / "base",
                 "MODEL.WEIGHTS", init,
                 "DATASETS.TRAIN", f"('{d}_sem_seg_train',)",
                 "DATASETS.TEST", f"('{d}_sem_seg_val',)",
                 "SOLVER.MAX_ITER", str(self.sizes.base_iters),
                 "SEED", str(self.seed),
             ],
+            threads=1,
         )  # fmt: skip
         self.stage("base", time.monotonic() - start, f"{self.sizes.base_iters} iterations on {d}")
         return self.output / "base" / "model_final.pth"
@@ -220,6 +260,10 @@ class Stages:
                     "DATASETS.TRAIN", f"('{d}_sem_seg_train',)",
                     "DATASETS.TEST", "()",  # not evaluated here: the experiments' oracle is that evaluation
                     "SOLVER.MAX_ITER", str(self.sizes.lora_iters),
+                    # LoRA factors start at zero (B) and must move far in 64 steps: at the base model's
+                    # learning rate (0.002) several adapters did not beat zero-shot on their own condition
+                    "SOLVER.BASE_LR", "0.015",
+                    "SOLVER.IMS_PER_BATCH", "4",
                     "SEED", str(self.seed),
                 ],
                 threads=1,
@@ -245,6 +289,7 @@ class Stages:
                 "--source_domains", domains_file, "--lora_library_path", library, "--embedding_model", clip,
                 "--datasets_root", self.output / "world", "--device", "cpu", "--num_workers", "0", "--no_progress",
             ],
+            threads=THREADS,
         )  # fmt: skip
         self.stage("statistics", time.monotonic() - start, "one prototype per condition")
 
@@ -257,7 +302,7 @@ class Stages:
         clip: Path,
         domains_file: Path,
         *extra: str,
-        threads: int | None = None,
+        threads: int = 1,
     ) -> Path:
         start = time.monotonic()
         out = self.output / "results" / name
@@ -269,10 +314,8 @@ class Stages:
                 "--source_domains", domains_file, "--target_domains", domains_file,
                 "--model_weights", base, "--lora_library_path", library, "--embedding_model", clip,
                 "--config_overlay", MODEL_OVERLAY, "--datasets_root", self.output / "world",
-                "--output_dir", out, "--overwrite", "--device", "cpu", "--batch_size", "32",
-                "--num_workers", "0", "--no_progress", *extra,
-                # the 64x64 images fit the tiny model's input whole: one view instead of the sliding window's 5
-                "TEST.SLIDING_WINDOW", "False",
+                "--semla_config", SEMLA_CONFIG, "--output_dir", out, "--overwrite", "--device", "cpu", "--batch_size", "32",
+                "--num_workers", "0", "--no_progress", *extra, *EVAL_OPTS,
             ],
             threads=threads,
         )  # fmt: skip
@@ -287,8 +330,11 @@ class Stages:
 
 def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = None) -> dict:
     """Run every stage into ``output``; returns what the report shows."""
+    import torch
+
     from .report import report
 
+    torch.set_num_threads(THREADS)  # the stages computed in this process (CLIP, report)
     output = Path(output).absolute()
     output.mkdir(parents=True, exist_ok=True)
     sizes = Sizes.quick() if quick else Sizes.full()
@@ -328,6 +374,23 @@ def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = 
     return result
 
 
+def run_seeds(output: Path, seeds: Sequence[int], *, quick: bool = False, jobs: int | None = None) -> dict:
+    """The whole demo once per seed (``<output>/seed_<n>/``), then ``<output>/seeds.txt`` and
+    ``seeds.json``: each seed's mean IoU per method and setting, and their mean +- standard deviation."""
+    from .report import format_seeds
+
+    output = Path(output).absolute()
+    results = {}
+    for seed in seeds:
+        print(f"--- seed {seed} ---", flush=True)
+        results[seed] = run(output / f"seed_{seed}", seed=seed, quick=quick, jobs=jobs)
+    text, numbers = format_seeds(results)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "seeds.txt").write_text(text + "\n", encoding="utf-8")
+    (output / "seeds.json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    return {"text": text, "numbers": numbers, "seconds": sum(r["seconds"] for r in results.values())}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m semla_demo",
@@ -336,8 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)"
     )
-    parser.add_argument(
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
         "--seed", type=int, default=0, help="seed of the world and every training (default: 0)"
+    )
+    seeds.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="run the demo once per seed into OUTPUT/seed_<n>/ and write the tables of all of them with "
+        "their mean +- std (OUTPUT/seeds.txt)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a much smaller world and shorter trainings (tests)"
@@ -356,7 +428,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def body() -> int:
-        result = run(args.output, seed=args.seed, quick=args.quick, jobs=args.jobs)
+        if args.seeds:
+            result = run_seeds(args.output, args.seeds, quick=args.quick, jobs=args.jobs)
+        else:
+            result = run(args.output, seed=args.seed, quick=args.quick, jobs=args.jobs)
         print(result["text"], flush=True)
         print(f"\nall stages in {result['seconds']:.0f} s; outputs in {args.output}", flush=True)
         return 0

@@ -1,11 +1,16 @@
-"""The demo's report: the results tables, the embedder's retrieval accuracy, and three pictures.
+"""The demo's report: the results tables, the embedder's retrieval, the transfer matrix, and pictures.
 
 - ``miou.png``: per target domain, the reported value (cityscapesScripts IoU) of zero-shot, uniform, SemLA
   and oracle, with the mean, for both settings (the target's adapter in the library / left out);
 - ``semla_weights.png``: the mean SemLA weight of each source adapter per target, for both settings;
+- ``retrieval.png``: for each condition, the share of its validation images whose nearest prototype (by
+  the demo's SemLA score) is each library domain;
+- ``transfer.png``: the IoU of every adapter alone on every target (the diagonal is the oracle);
 - ``examples.png``: validation images of a few targets with their ground truth and the predictions of
   zero-shot, uniform and SemLA in the leave-one-out setting (each image with the weights
   ``experiments.py`` gave it, read from its ``weights.json``).
+
+``summary.txt`` prints the tables and matrices, ``summary.json`` holds the same numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("zeroshot", "uniform", "semla", "oracle")
 LABELS = {"zeroshot": "zero-shot", "uniform": "uniform", "semla": "SemLA", "oracle": "oracle"}
+BASE_TARGET = "muses-clear-day"  # the condition the base model is trained on
 EXAMPLE_TARGETS = ("muses-fog-day", "muses-rain-night", "muses-snow-day", "muses-clear-night")
 
 
@@ -54,25 +60,96 @@ def mean_weights(folder: Path, sources: list[str]) -> np.ndarray:
     return out
 
 
-def retrieval_accuracy(world: Path, clip: Path, library: Path, domains: list[str]) -> dict[str, float]:
-    """Per condition, the share of its validation images whose nearest prototype is their own condition."""
+def retrieval_confusion(world: Path, clip: Path, library: Path, domains: list[str]) -> np.ndarray:
+    """(conditions, prototypes) counts: each validation image's condition against its nearest prototype.
+
+    "Nearest" is the best score of the demo's SemLA measure (``configs/demo/semla_config.yaml``), over
+    every prototype of the library (the target's own included): the diagonal holds the images that SemLA
+    would give their own condition's adapter the largest weight.
+    """
     from domain_orchestrator.embedding import load_embedder
+    from domain_orchestrator.orchestrator import load_semla_config
     from domain_orchestrator.prototypes import read_statistics
     from domain_orchestrator.retrieval import scores
 
+    from .pipeline import SEMLA_CONFIG
     from .world import MANIFEST
 
     embedder = load_embedder(str(clip))
     prototypes = torch.from_numpy(np.stack([read_statistics(library / d, d) for d in domains]))
     entries = [e for e in _read(world / MANIFEST)["entries"] if e["split"] == "val"]
     vectors = torch.from_numpy(embedder.embed_files([world / e["image"] for e in entries], progress=False))
-    nearest = scores(vectors, prototypes).argmax(dim=1)
-    truth = [domains.index(f"muses-{e['weather']}-{e['time']}") for e in entries]
-    accuracy = {}
-    for i, name in enumerate(domains):
-        mine = [j for j, t in enumerate(truth) if t == i]
-        accuracy[name] = float(np.mean([int(nearest[j]) == i for j in mine])) if mine else float("nan")
-    return accuracy
+    nearest = scores(vectors, prototypes, load_semla_config(SEMLA_CONFIG).measure).argmax(dim=1)
+    confusion = np.zeros((len(domains), len(domains)), dtype=np.int64)
+    for entry, j in zip(entries, nearest.tolist()):
+        confusion[domains.index(f"muses-{entry['weather']}-{entry['time']}"), j] += 1
+    return confusion
+
+
+def retrieval_accuracy(confusion: np.ndarray, domains: list[str]) -> dict[str, float]:
+    """Per condition, the share of its validation images whose nearest prototype is their own condition."""
+    totals = confusion.sum(axis=1)
+    return {
+        name: float(confusion[i, i] / totals[i]) if totals[i] else float("nan")
+        for i, name in enumerate(domains)
+    }
+
+
+def transfer_matrix(
+    world: Path, base: Path, library_path: Path, domains: list[str], batch_size: int = 32
+) -> np.ndarray:
+    """(targets, adapters) reported IoU of every adapter alone (weight 1) on every target's validation set.
+
+    Computed as ``experiments.py``'s oracle computes its one adapter (same config, checkpoint, library, fused
+    forward, batch size and evaluator), so the diagonal is the oracle column of the results.
+    """
+    from cat_seg.checkpoint import load_checkpoint
+    from cat_seg.data import get_dataset, load_records, mapper_from_cfg
+    from cat_seg.engine.evaluate import label_prediction, reported_metric
+    from cat_seg.evaluation import SemSegEvaluator
+    from cat_seg.modeling import build_model
+    from domain_orchestrator.domains import get_domain
+    from domain_orchestrator.fusion import fused_adapters, fused_text_features
+    from domain_orchestrator.library import AdapterLibrary
+    from domain_orchestrator.orchestrator import target_config
+
+    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
+
+    cfg = target_config(domains[0], model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+    model = build_model(cfg, "cpu")
+    load_checkpoint(model, base)
+    model.eval()
+    library = AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+    matrix = np.zeros((len(domains), len(domains)))
+    with torch.no_grad():
+        for i, target in enumerate(domains):
+            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+            spec = get_dataset(get_domain(target).val_dataset)
+            mapper = mapper_from_cfg(cfg, is_train=False, num_classes=spec.num_classes)
+            inputs = [mapper(r) for r in load_records(spec.name, world)]
+            batches = [inputs[k : k + batch_size] for k in range(0, len(inputs), batch_size)]
+            for j in range(len(domains)):
+                weights = torch.zeros(1, len(domains), dtype=torch.float64)
+                weights[0, j] = 1.0
+                text = fused_text_features(model, library, weights)[0]
+                evaluator = SemSegEvaluator(
+                    spec.num_classes,
+                    spec.ignore_label,
+                    class_names=spec.class_names(),
+                    convention=spec.metric_convention,
+                )
+                for batch in batches:
+                    with fused_adapters(model, library, weights):
+                        outputs = model(batch, text_features=text)
+                    for o, x in zip(outputs, batch):
+                        evaluator.process(
+                            label_prediction(
+                                o["sem_seg"], x["sem_seg"], resize_to_label=spec.resize_to is not None
+                            ),
+                            x["sem_seg"],
+                        )
+                matrix[i, j] = reported_metric(evaluator.evaluate()["sem_seg"])[1]
+    return matrix
 
 
 def _short(name: str) -> str:
@@ -133,6 +210,43 @@ def plot_weights(matrices: Mapping[str, np.ndarray], domains: list[str], path: P
     return path
 
 
+def plot_matrix(
+    matrix: np.ndarray,
+    domains: list[str],
+    path: Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    fmt: str,
+    vmax: float | None = None,
+) -> Path:
+    """One heatmap with its values written in the cells (rows: conditions, columns: adapters/prototypes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [_short(d) for d in domains]
+    fig, ax = plt.subplots(figsize=(6.6, 5.6))
+    top = float(matrix.max()) if vmax is None else vmax
+    image = ax.imshow(matrix, vmin=0, vmax=top, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] < 0.5 * top else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def example_predictions(
     world: Path,
     base: Path,
@@ -157,10 +271,10 @@ def example_predictions(
     from domain_orchestrator.orchestrator import target_config
     from domain_orchestrator.retrieval import uniform_weights
 
-    from .pipeline import MODEL_OVERLAY
+    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
 
     semla = _read(leave_one_out / "semla" / "weights.json")
-    cfg = target_config(targets[0], model_weights=base, overlays=[MODEL_OVERLAY])
+    cfg = target_config(targets[0], model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
     model = build_model(cfg, "cpu")
     load_checkpoint(model, base)
     model.eval()
@@ -168,7 +282,7 @@ def example_predictions(
     examples = []
     with torch.no_grad():
         for target in targets:
-            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY])
+            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
             record = load_records(get_domain(target).val_dataset, world)[0]
             x = mapper_from_cfg(cfg, is_train=False)(record)
             image = np.asarray(x["image"].permute(1, 2, 0))
@@ -232,7 +346,10 @@ def plot_examples(examples: list[dict], path: Path, scale: int = 3) -> Path:
 
 
 def format_tables(
-    tables: Mapping[str, Mapping[str, Mapping[str, float]]], accuracy: Mapping[str, float]
+    tables: Mapping[str, Mapping[str, Mapping[str, float]]],
+    confusion: np.ndarray,
+    transfer: np.ndarray,
+    domains: list[str],
 ) -> str:
     lines = []
     for setting, table in tables.items():
@@ -244,12 +361,30 @@ def format_tables(
         means = [float(np.mean([row[m] for row in table.values()])) for m in METHODS]
         lines.append(f"  {'mean':<14}" + "".join(f"{v:>11.2f}" for v in means))
         lines.append("")
+    accuracy = retrieval_accuracy(confusion, domains)
+    names = [_short(d) for d in domains]
     lines.append(
         "retrieval accuracy of the embedder (validation images whose nearest prototype is their condition):"
     )
     lines.append("  " + ", ".join(f"{_short(d)} {a:.2f}" for d, a in accuracy.items()))
     lines.append(f"  mean {float(np.mean(list(accuracy.values()))):.2f}")
+    lines.append("")
+    lines.append("nearest prototype (columns) of each condition's validation images (rows):")
+    lines += _matrix_lines(confusion, names, "{:d}")
+    lines.append("")
+    lines.append(
+        "transfer: IoU (%) of each adapter alone (columns) on each target (rows); the diagonal is the oracle:"
+    )
+    lines += _matrix_lines(transfer, names, "{:.1f}")
     return "\n".join(lines)
+
+
+def _matrix_lines(matrix: np.ndarray, names: list[str], fmt: str) -> list[str]:
+    width = max(7, *(len(n) + 1 for n in names))
+    lines = [f"  {'':<12}" + "".join(f"{n:>{width}}" for n in names)]
+    for name, row in zip(names, matrix):
+        lines.append(f"  {name:<12}" + "".join(f"{fmt.format(v):>{width}}" for v in row))
+    return lines
 
 
 def report(
@@ -262,7 +397,7 @@ def report(
     results: Mapping[str, Path],
     seed: int,
 ) -> dict:
-    """Write ``summary.txt`` and the three pictures into ``output``; returns the numbers and the text."""
+    """Write ``summary.txt`` (and ``summary.json``) and the pictures into ``output``; returns the numbers."""
     domains = [
         line[2:].strip()
         for line in (output / "domains.yaml").read_text().splitlines()
@@ -271,16 +406,89 @@ def report(
     # The later settings hold only the methods that depend on the setting (uniform, SemLA).
     first = next(iter(results.values()))
     tables = {setting: results_table(first, folder) for setting, folder in results.items()}
-    accuracy = retrieval_accuracy(world, clip, library, domains)
+    confusion = retrieval_confusion(world, clip, library, domains)
+    transfer = transfer_matrix(world, base, library, domains)
     matrices = {setting: mean_weights(folder, domains) for setting, folder in results.items()}
     pictures = [
         plot_miou(tables, output / "miou.png"),
         plot_weights(matrices, domains, output / "semla_weights.png"),
+        plot_matrix(
+            confusion / confusion.sum(axis=1, keepdims=True).clip(min=1),
+            domains,
+            output / "retrieval.png",
+            title="retrieval: share of each condition's images",
+            xlabel="nearest prototype",
+            ylabel="condition of the image",
+            fmt=".2f",
+            vmax=1.0,
+        ),
+        plot_matrix(
+            transfer,
+            domains,
+            output / "transfer.png",
+            title="IoU (%) of each adapter alone",
+            xlabel="adapter",
+            ylabel="target domain",
+            fmt=".1f",
+        ),
     ]
     leave_one_out = list(results.values())[-1]
     targets = tuple(t for t in EXAMPLE_TARGETS if t in domains) or tuple(domains[:4])
     examples = example_predictions(world, base, library, clip, leave_one_out, domains, targets)
     pictures.append(plot_examples(examples, output / "examples.png"))
-    text = format_tables(tables, accuracy)
+    text = format_tables(tables, confusion, transfer, domains)
     (output / "summary.txt").write_text(text + "\n", encoding="utf-8")
-    return {"tables": tables, "accuracy": accuracy, "pictures": pictures, "text": text, "seed": seed}
+    accuracy = retrieval_accuracy(confusion, domains)
+    numbers = {
+        "seed": seed,
+        "domains": domains,
+        "tables": tables,
+        "retrieval_accuracy": accuracy,
+        "retrieval_confusion": confusion.tolist(),
+        "transfer": transfer.tolist(),
+    }
+    (output / "summary.json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    return {"tables": tables, "accuracy": accuracy, "pictures": pictures, "text": text, "seed": seed,
+            "confusion": confusion, "transfer": transfer}  # fmt: skip
+
+
+def format_seeds(results: Mapping[int, Mapping]) -> tuple[str, dict]:
+    """Each seed's mean IoU per method and setting, their mean +- std, the base model's IoU on its own
+    condition and the retrieval accuracy; whether the paper's ordering holds on every seed."""
+    seeds = list(results)
+    settings = list(next(iter(results.values()))["tables"])
+    numbers: dict = {"seeds": seeds, "settings": {}}
+    lines = []
+    for setting in settings:
+        means = {
+            seed: {
+                m: float(np.mean([row[m] for row in results[seed]["tables"][setting].values()]))
+                for m in METHODS
+            }
+            for seed in seeds
+        }
+        numbers["settings"][setting] = means
+        lines.append(f"mean IoU (%) over the targets, {setting}:")
+        header = f"  {'seed':<14}" + "".join(f"{LABELS[m]:>14}" for m in METHODS) + "   ordering"
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        for seed in seeds:
+            row = means[seed]
+            ordered = all(row[a] < row[b] for a, b in zip(METHODS, METHODS[1:]))
+            lines.append(
+                f"  {seed:<14}"
+                + "".join(f"{row[m]:>14.2f}" for m in METHODS)
+                + f"   {'holds' if ordered else 'broken'}"
+            )
+        stats = [
+            (np.mean([means[s][m] for s in seeds]), np.std([means[s][m] for s in seeds])) for m in METHODS
+        ]
+        lines.append(f"  {'mean +- std':<14}" + "".join(f"{f'{a:.2f} +- {b:.2f}':>14}" for a, b in stats))
+        lines.append("")
+    base = BASE_TARGET
+    lines.append(f"base model on its own condition ({_short(base)}), zero-shot IoU (%): "
+                 + ", ".join(f"seed {s} {results[s]['tables'][settings[0]][base]['zeroshot']:.2f}" for s in seeds))  # fmt: skip
+    lines.append(
+        "retrieval accuracy (mean over conditions): "
+        + ", ".join(f"seed {s} {np.mean(list(results[s]['accuracy'].values())):.2f}" for s in seeds)
+    )
+    return "\n".join(lines), numbers

@@ -689,7 +689,10 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
         help="the embedder that made the library's statistics (default: the demo's CLIP, demo_output/clip)",
     )
     parser.add_argument(
-        "--semla_config", help="YAML with distance_measure_name, temperature, top_k (defaults)"
+        "--semla_config",
+        default=str(REPO_ROOT / "configs" / "demo" / "semla_config.yaml"),
+        help="YAML with distance_measure_name, temperature, top_k (default: the demo's, "
+        "configs/demo/semla_config.yaml)",
     )
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--classes", help="initial class names, comma-separated (default: the config's)")

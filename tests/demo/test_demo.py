@@ -38,7 +38,17 @@ def _not_blank(path: Path, size: tuple[int, int] | None = None) -> None:
 
 def test_quick_demo_writes_every_output(quick) -> None:  # noqa: ANN001
     output, result = quick
-    for name in ("summary.txt", "miou.png", "semla_weights.png", "examples.png", "domains.yaml", "init.pth"):
+    for name in (
+        "summary.txt",
+        "summary.json",
+        "miou.png",
+        "semla_weights.png",
+        "retrieval.png",
+        "transfer.png",
+        "examples.png",
+        "domains.yaml",
+        "init.pth",
+    ):
         assert (output / name).is_file(), name
     assert (output / "clip" / "open_clip_config.json").is_file()
     assert (output / "base" / "model_final.pth").is_file()
@@ -101,6 +111,63 @@ def test_pictures_open_have_their_size_and_are_not_blank(quick) -> None:  # noqa
     _not_blank(output / "miou.png", (1100, 680))
     _not_blank(output / "semla_weights.png")
     _not_blank(output / "examples.png")
+    _not_blank(output / "retrieval.png", (660, 560))
+    _not_blank(output / "transfer.png", (660, 560))
+
+
+def test_transfer_diagonal_is_the_oracle_and_confusion_counts_every_image(quick) -> None:  # noqa: ANN001
+    """The transfer matrix is computed as experiments.py computes its oracle: its diagonal is the oracle
+    column; the retrieval confusion counts each validation image once; summary.json holds what summary.txt
+    prints."""
+    output, result = quick
+    numbers = json.loads((output / "summary.json").read_text())
+    domains = numbers["domains"]
+    oracle = json.loads((output / "results" / "with_target" / "oracle" / "results.json").read_text())
+    transfer = np.array(numbers["transfer"])
+    assert transfer.shape == (len(domains), len(domains))
+    assert np.diag(transfer) == pytest.approx([oracle[d] for d in domains], abs=1e-9)
+    confusion = np.array(numbers["retrieval_confusion"])
+    manifest = json.loads((output / "world" / "semla_demo_world.json").read_text())
+    per_condition = {d: 0 for d in domains}
+    for entry in manifest["entries"]:
+        if entry["split"] == "val":
+            per_condition[f"muses-{entry['weather']}-{entry['time']}"] += 1
+    assert confusion.sum(axis=1).tolist() == [per_condition[d] for d in domains]
+    accuracy = [confusion[i, i] / confusion[i].sum() for i in range(len(domains))]
+    assert [numbers["retrieval_accuracy"][d] for d in domains] == pytest.approx(accuracy)
+    text = result["text"]
+    for i, d in enumerate(domains):
+        row = next(line for line in text.split("transfer:")[1].splitlines() if line.split()[:1] == [d[6:]])
+        assert [float(v) for v in row.split()[1:]] == pytest.approx(transfer[i], abs=0.05)
+
+
+#: The files whose bytes a seed fixes (the issue's list, plus what explains a difference when one appears).
+REPRODUCIBLE = (
+    "summary.txt",
+    "summary.json",
+    "results/*/metrics.json",
+    "results/*/summary.txt",
+    "results/*/*/results.json",
+    "results/*/*/weights.json",
+    "loradb/*/adapter_model.safetensors",
+)
+
+
+def test_same_seed_gives_the_same_bytes(quick, tmp_path_factory) -> None:  # noqa: ANN001
+    """The quick demo run a second time with the same seed writes byte-identical results."""
+    from semla_demo.pipeline import run
+
+    first, _ = quick
+    second = tmp_path_factory.mktemp("demo_again")
+    run(second, seed=0, quick=True)
+
+    def files(root: Path) -> list[str]:
+        return sorted(p.relative_to(root).as_posix() for pattern in REPRODUCIBLE for p in root.glob(pattern))
+
+    names = files(first)
+    assert len(names) > 20 and names == files(second)
+    different = [n for n in names if (first / n).read_bytes() != (second / n).read_bytes()]
+    assert not different, f"differ between two runs of seed 0: {different}"
 
 
 def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> None:  # noqa: ANN001
@@ -108,8 +175,10 @@ def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> N
     semla_weights on the image's embedding."""
     import demo
     from domain_orchestrator.embedding import load_embedder
+    from domain_orchestrator.orchestrator import load_semla_config
     from domain_orchestrator.prototypes import load_prototypes
     from domain_orchestrator.retrieval import scores, semla_weights
+    from semla_demo.pipeline import SEMLA_CONFIG
 
     output, _ = quick
     image = sorted((output / "world" / "muses" / "frame_camera" / "val" / "fog" / "day").glob("*.png"))[0]
@@ -141,7 +210,8 @@ def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> N
     embedder = load_embedder(str(clip))
     prototypes = torch.from_numpy(load_prototypes(library, names, embedder.identity).vectors)
     embedding = torch.from_numpy(embedder.embed_files([image], batch_size=1, progress=False))
-    expected = semla_weights(scores(embedding, prototypes), 5, 0.05)[0]
+    semla = load_semla_config(SEMLA_CONFIG)  # demo.py's default: the demo's retrieval settings
+    expected = semla_weights(scores(embedding, prototypes, semla.measure), semla.top_k, semla.temperature)[0]
     assert weights == pytest.approx({n: float(w) for n, w in zip(names, expected) if w > 0}, abs=1e-4)
 
 
