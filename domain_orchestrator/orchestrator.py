@@ -913,7 +913,7 @@ def _shard(num_images: int, batch_size: int, info: DistInfo) -> tuple[int, int]:
 
 
 def _configure_threads(device: torch.device, world_size: int) -> None:
-    if device.type == "cpu" and world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if device.type == "cpu" and world_size > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 

@@ -101,7 +101,9 @@ def transfer_matrix(
     """(targets, adapters) reported IoU of every adapter alone (weight 1) on every target's validation set.
 
     Computed as ``experiments.py``'s oracle computes its one adapter (same config, checkpoint, library, fused
-    forward, batch size and evaluator), so the diagonal is the oracle column of the results.
+    forward, batch size and evaluator), so the diagonal is the oracle column of the results (exactly on
+    ``make demo``; this process runs 2 threads and experiments.py's 1, so where a barely trained model has
+    near-ties, as in ``--quick``, a pixel can flip).
     """
     from cat_seg.checkpoint import load_checkpoint
     from cat_seg.data import get_dataset, load_records, mapper_from_cfg

@@ -125,7 +125,9 @@ def test_transfer_diagonal_is_the_oracle_and_confusion_counts_every_image(quick)
     oracle = json.loads((output / "results" / "with_target" / "oracle" / "results.json").read_text())
     transfer = np.array(numbers["transfer"])
     assert transfer.shape == (len(domains), len(domains))
-    assert np.diag(transfer) == pytest.approx([oracle[d] for d in domains], abs=1e-9)
+    # The report computes on 2 threads, experiments.py's processes on 1: on the quick demo's barely trained
+    # model a pixel at a near-tie can flip (seen: 5e-4 points); on make demo's the diagonal is exact.
+    assert np.diag(transfer) == pytest.approx([oracle[d] for d in domains], abs=0.01)
     confusion = np.array(numbers["retrieval_confusion"])
     manifest = json.loads((output / "world" / "semla_demo_world.json").read_text())
     per_condition = {d: 0 for d in domains}
@@ -136,8 +138,9 @@ def test_transfer_diagonal_is_the_oracle_and_confusion_counts_every_image(quick)
     accuracy = [confusion[i, i] / confusion[i].sum() for i in range(len(domains))]
     assert [numbers["retrieval_accuracy"][d] for d in domains] == pytest.approx(accuracy)
     text = result["text"]
+    rows = text.split("transfer:")[1].splitlines()[2:]  # after the title and the header of adapter names
     for i, d in enumerate(domains):
-        row = next(line for line in text.split("transfer:")[1].splitlines() if line.split()[:1] == [d[6:]])
+        row = next(line for line in rows if line.split()[:1] == [d[6:]])
         assert [float(v) for v in row.split()[1:]] == pytest.approx(transfer[i], abs=0.05)
 
 
@@ -165,7 +168,14 @@ def test_same_seed_gives_the_same_bytes(quick, tmp_path_factory) -> None:  # noq
         return sorted(p.relative_to(root).as_posix() for pattern in REPRODUCIBLE for p in root.glob(pattern))
 
     names = files(first)
-    assert len(names) > 20 and names == files(second)
+    assert names == files(second)
+    assert {"summary.txt", "results/with_target/metrics.json", "results/leave_one_out/metrics.json"} <= set(
+        names
+    )
+    assert (
+        sum(n.startswith("loradb/") for n in names) == 4
+        and sum(n.endswith("results.json") for n in names) == 6
+    )
     different = [n for n in names if (first / n).read_bytes() != (second / n).read_bytes()]
     assert not different, f"differ between two runs of seed 0: {different}"
 

@@ -288,7 +288,9 @@ def test_page_in_a_real_browser(tiny_demo: TinyDemo, tmp_path: Path) -> None:
                 rows = page.locator("#semla-weights .semla-weight")
                 expect(rows.first).to_be_attached(timeout=60_000)
                 expect(status).to_have_class("semla-ok")
-                expect(status).to_contain_text("SemLA (top-3, T = 0.05), 6 classes")
+                expect(status).to_contain_text(
+                    "SemLA (top-3, T = 0.02), 6 classes"
+                )  # configs/demo/semla_config.yaml
                 weights = {
                     rows.nth(i).get_attribute("data-adapter"): float(rows.nth(i).get_attribute("data-weight"))
                     for i in range(rows.count())
