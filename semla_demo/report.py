@@ -30,7 +30,13 @@ logger = logging.getLogger(__name__)
 METHODS = ("zeroshot", "uniform", "semla", "oracle")
 LABELS = {"zeroshot": "zero-shot", "uniform": "uniform", "semla": "SemLA", "oracle": "oracle"}
 BASE_TARGET = "muses-clear-day"  # the condition the base model is trained on
-EXAMPLE_TARGETS = ("muses-clear-day", "muses-fog-day", "muses-rain-night", "muses-snow-day", "muses-clear-night")
+EXAMPLE_TARGETS = (
+    "muses-clear-day",
+    "muses-fog-day",
+    "muses-rain-night",
+    "muses-snow-day",
+    "muses-clear-night",
+)
 
 
 def _read(path: Path) -> dict:
