@@ -242,18 +242,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_outputs(
         "metrics.json",
         *(f"{e}/results.json" for e in ALL),
         "uniform/weights.json",
+        "semla/weights.json",
     ]:
         assert (out / name).read_bytes() == (four / name).read_bytes(), name
-    # SemLA's weights come from each process's own image embeddings: the same adapters, and weights equal to
-    # float precision (on some CPUs a forked process's kernels round the last bits of an embedding
-    # differently; the predictions, hence results.json and metrics.json above, are byte-identical).
-    two, one = read_json(out / "semla/weights.json"), read_json(four / "semla/weights.json")
-    assert two.keys() == one.keys()
-    for target in one:
-        assert two[target].keys() == one[target].keys()
-        for image, entry in one[target].items():
-            assert two[target][image]["adapters"] == entry["adapters"], (target, image)
-            assert two[target][image]["weights"] == pytest.approx(entry["weights"], rel=1e-5, abs=1e-9)
     assert not list((out / "progress").glob("*.pt"))
     # A finished run resumed again does nothing and leaves the outputs as they are.
     before = (out / "metrics.json").read_bytes()
