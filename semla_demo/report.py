@@ -101,6 +101,27 @@ def retrieval_accuracy(confusion: np.ndarray, domains: list[str]) -> dict[str, f
     }
 
 
+def _eval_config(target: str, base: Path):  # noqa: ANN202 - a CfgNode
+    """A target's config as the demo's experiments.py runs evaluate it."""
+    from domain_orchestrator.orchestrator import target_config
+
+    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
+
+    return target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+
+
+def _model_and_library(base: Path, library_path: Path, domains: list[str]):  # noqa: ANN202
+    """The base model (eval mode, on the CPU) and the library of ``domains`` over it."""
+    from cat_seg.checkpoint import load_checkpoint
+    from cat_seg.modeling import build_model
+    from domain_orchestrator.library import AdapterLibrary
+
+    model = build_model(_eval_config(domains[0], base), "cpu")
+    load_checkpoint(model, base)
+    model.eval()
+    return model, AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+
+
 def transfer_matrix(
     world: Path, base: Path, library_path: Path, domains: list[str], batch_size: int = 32
 ) -> np.ndarray:
@@ -111,27 +132,17 @@ def transfer_matrix(
     ``make demo``; this process runs 2 threads and experiments.py's 1, so where a barely trained model has
     near-ties, as in ``--quick``, a pixel can flip).
     """
-    from cat_seg.checkpoint import load_checkpoint
     from cat_seg.data import get_dataset, load_records, mapper_from_cfg
     from cat_seg.engine.evaluate import label_prediction, reported_metric
     from cat_seg.evaluation import SemSegEvaluator
-    from cat_seg.modeling import build_model
     from domain_orchestrator.domains import get_domain
     from domain_orchestrator.fusion import fused_adapters, fused_text_features
-    from domain_orchestrator.library import AdapterLibrary
-    from domain_orchestrator.orchestrator import target_config
 
-    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
-
-    cfg = target_config(domains[0], model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
-    model = build_model(cfg, "cpu")
-    load_checkpoint(model, base)
-    model.eval()
-    library = AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+    model, library = _model_and_library(base, library_path, domains)
     matrix = np.zeros((len(domains), len(domains)))
     with torch.no_grad():
         for i, target in enumerate(domains):
-            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+            cfg = _eval_config(target, base)
             spec = get_dataset(get_domain(target).val_dataset)
             mapper = mapper_from_cfg(cfg, is_train=False, num_classes=spec.num_classes)
             inputs = [mapper(r) for r in load_records(spec.name, world)]
@@ -269,28 +280,18 @@ def example_predictions(
     The predictions are computed the way ``experiments.py`` computes them (the same config, checkpoint,
     library and fused forward), with the weights its leave-one-out run recorded for the image.
     """
-    from cat_seg.checkpoint import load_checkpoint
     from cat_seg.data import load_records, mapper_from_cfg
     from cat_seg.engine.evaluate import label_prediction
-    from cat_seg.modeling import build_model
     from domain_orchestrator.domains import get_domain
     from domain_orchestrator.fusion import fused_adapters, fused_text_features
-    from domain_orchestrator.library import AdapterLibrary
-    from domain_orchestrator.orchestrator import target_config
     from domain_orchestrator.retrieval import uniform_weights
 
-    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
-
     semla = _read(leave_one_out / "semla" / "weights.json")
-    cfg = target_config(targets[0], model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
-    model = build_model(cfg, "cpu")
-    load_checkpoint(model, base)
-    model.eval()
-    library = AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+    model, library = _model_and_library(base, library_path, domains)
     examples = []
     with torch.no_grad():
         for target in targets:
-            cfg = target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+            cfg = _eval_config(target, base)
             record = load_records(get_domain(target).val_dataset, world)[0]
             x = mapper_from_cfg(cfg, is_train=False)(record)
             image = np.asarray(x["image"].permute(1, 2, 0))
