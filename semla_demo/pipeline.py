@@ -260,7 +260,7 @@ class Stages:
                     "DATASETS.TRAIN", f"('{d}_sem_seg_train',)",
                     "DATASETS.TEST", "()",  # not evaluated here: the experiments' oracle is that evaluation
                     "SOLVER.MAX_ITER", str(self.sizes.lora_iters),
-                    # LoRA factors start at zero (B) and must move far in 64 steps: at the base model's
+                    # LoRA factors start at zero (B) and must move far in a few dozen steps: at the base model's
                     # learning rate (0.002) several adapters did not beat zero-shot on their own condition
                     "SOLVER.BASE_LR", "0.015",
                     "SOLVER.IMS_PER_BATCH", "4",
