@@ -203,6 +203,22 @@ def plot_miou(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: Pat
     return path
 
 
+def _heatmap(fig, ax, matrix: np.ndarray, names: list[str], *, title: str, xlabel: str, ylabel: str,
+             fmt: str, vmax: float) -> None:  # noqa: ANN001 - matplotlib figure and axes  # fmt: skip
+    """A heatmap on ``ax`` with its values written in the cells and a colour bar."""
+    image = ax.imshow(matrix, vmin=0, vmax=vmax, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] < 0.5 * vmax else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.046)
+
+
 def plot_weights(matrices: Mapping[str, np.ndarray], domains: list[str], path: Path) -> Path:
     import matplotlib
 
@@ -212,17 +228,8 @@ def plot_weights(matrices: Mapping[str, np.ndarray], domains: list[str], path: P
     fig, axes = plt.subplots(1, len(matrices), figsize=(6.2 * len(matrices), 5.4), squeeze=False)
     names = [_short(d) for d in domains]
     for ax, (setting, matrix) in zip(axes[0], matrices.items()):
-        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        ax.set_xlabel("source adapter")
-        ax.set_ylabel("target domain")
-        ax.set_title(f"mean SemLA weight: {setting}")
-        for i in range(matrix.shape[0]):
-            for j in range(matrix.shape[1]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if matrix[i, j] < 0.5 else "black")  # fmt: skip
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        _heatmap(fig, ax, matrix, names, title=f"mean SemLA weight: {setting}", xlabel="source adapter",
+                 ylabel="target domain", fmt=".2f", vmax=1.0)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -246,20 +253,10 @@ def plot_matrix(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [_short(d) for d in domains]
     fig, ax = plt.subplots(figsize=(6.6, 5.6))
     top = float(matrix.max()) if vmax is None else vmax
-    image = ax.imshow(matrix, vmin=0, vmax=top, cmap="viridis")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] < 0.5 * top else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    _heatmap(fig, ax, matrix, [_short(d) for d in domains], title=title, xlabel=xlabel, ylabel=ylabel,
+             fmt=fmt, vmax=top)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
