@@ -7,6 +7,9 @@ Examples (from the repository root; ``run_lora.sh`` / ``eval_lora.sh`` build the
         MODEL.WEIGHTS models/model_final.pth MODEL.LORA.ENABLED True MODEL.LORA.NAME acdc-rain
     python catseg/train_net.py --config-file ... --eval-only OUTPUT_DIR output/acdc-rain/eval ...
 
+A domain spec (``cat_seg.data.domain_spec``) may be given as ``--config-file``: its base config with its
+datasets and classes (``sh run_lora.sh floods.yaml 1 output/floods MODEL.LORA.NAME floods``).
+
 Paths: a relative ``--config-file`` is taken relative to the current directory, then to ``catseg/``;
 ``OUTPUT_DIR`` is relative to the current directory; ``MODEL.WEIGHTS`` and ``MODEL.LORA.DB_PATH`` are
 relative to ``catseg/`` (the reference's working directory). Datasets are read from ``--data-root`` or
@@ -25,14 +28,23 @@ from pathlib import Path
 from torch.multiprocessing import ProcessExitedException
 
 from cat_seg.cli import USER_ERRORS, error_message, report_errors
-from cat_seg.config import CATSEG_ROOT, load_config
-from cat_seg.data import default_root
+from cat_seg.config import CATSEG_ROOT, CfgNode, load_config
+from cat_seg.data import default_root, get_dataset
+from cat_seg.data.registry import domain_spec
 from cat_seg.engine.evaluate import format_results_table
 from cat_seg.engine.launch import DistInfo, launch
 from cat_seg.engine.run import RunOptions, RunPlan, prepare_run, resolve_run_paths, run
 from cat_seg.engine.setup import device_type, logging_to
 
 logger = logging.getLogger("train_net")
+
+
+def device_arg(value: str) -> str:
+    """``--device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (availability is checked later)."""
+    kind, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid device {value!r}: use auto, cpu, cuda, cuda:N or mps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,17 +62,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes to run, one per GPU (or CPU processes with --device cpu); default 1",
     )
     parser.add_argument(
-        "--num-machines", type=int, default=1, help="only 1; use torchrun for several machines"
+        "--num-machines", type=int, default=1, help="only 1; use torchrun for several machines (default: 1)"
     )
     parser.add_argument("--eval-only", action="store_true", help="evaluate DATASETS.TEST, no training")
     parser.add_argument(
         "--resume", action="store_true", help="continue from OUTPUT_DIR/last_checkpoint if present"
     )
     parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default=None, help="default: MODEL.DEVICE of the config"
+        "--device",
+        type=device_arg,
+        default=None,
+        help="auto, cpu, cuda, cuda:N or mps (default: MODEL.DEVICE of the config)",
     )
     parser.add_argument(
-        "--dist-url", default="auto", help="rendezvous URL of spawned processes (auto: free port)"
+        "--dist-url",
+        default="auto",
+        help="rendezvous URL of spawned processes (default: auto, a free port)",
     )
     parser.add_argument(
         "--data-root", type=Path, default=None, help="dataset root (default: $DETECTRON2_DATASETS)"
@@ -117,6 +134,21 @@ def _config_path(given: str) -> Path:
     raise FileNotFoundError(f"config file {given} not found (looked in {Path.cwd()} and {CATSEG_ROOT})")
 
 
+def _default_root(cfg: CfgNode) -> Path:
+    """``$DETECTRON2_DATASETS``; not needed when every dataset of the run is a domain spec's (they say where)."""
+    try:
+        return default_root()
+    except ValueError:
+        names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
+        try:
+            own = bool(names) and all(domain_spec(get_dataset(n).domain) is not None for n in names)
+        except KeyError:
+            own = False
+        if not own:
+            raise
+        return Path.cwd()
+
+
 def plan_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> RunPlan:
     """Config, options and checks of a run (nothing is written).
 
@@ -129,7 +161,7 @@ def plan_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> RunPla
         raise ValueError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     cfg = load_config(_config_path(args.config_file), list(args.opts or []))
     cfg = resolve_run_paths(cfg, cwd=Path.cwd())
-    data_root = args.data_root if args.data_root is not None else default_root()
+    data_root = args.data_root if args.data_root is not None else _default_root(cfg)
     options = RunOptions(
         eval_only=args.eval_only,
         resume=args.resume,

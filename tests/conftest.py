@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
             item.add_marker(skip_gpu)
         if "weights" in item.keywords and not os.environ.get("SEMLA_WEIGHTS_DIR"):
             item.add_marker(skip_weights)
+
+
+@pytest.fixture(autouse=True)
+def _no_domain_specs_left_behind():  # noqa: ANN202
+    """Each test starts and ends without domains of your own registered (they are per-process state)."""
+    from cat_seg.data.registry import unregister_domain_specs
+
+    unregister_domain_specs()
+    yield
+    unregister_domain_specs()

@@ -73,7 +73,11 @@ _VALID_TYPES: tuple[type, ...] = (tuple, list, str, int, float, bool, type(None)
 _KEY_ALIASES: dict[str, str] = {"MODEL.LORA.MODULES": "MODEL.LORA.MODUELS"}
 
 # Element types of sequence keys whose default is empty (others are derived from the default).
-_EMPTY_DEFAULT_ELEMENT_TYPES: dict[str, type] = {"DATASETS.TRAIN": str, "DATASETS.TEST": str}
+_EMPTY_DEFAULT_ELEMENT_TYPES: dict[str, type] = {
+    "DATASETS.TRAIN": str,
+    "DATASETS.TEST": str,
+    "DATASETS.SPECS": str,
+}
 
 _PROMPT_ENSEMBLE_TYPES = ("single", "imagenet", "imagenet_select")
 _LORA_BIAS_TYPES = ("none", "all", "lora_only")
@@ -173,6 +177,9 @@ def _detectron2_defaults() -> CfgNode:
     cfg.DATASETS = CfgNode()
     cfg.DATASETS.TRAIN = ()
     cfg.DATASETS.TEST = ()
+    # semla: domain spec files (cat_seg.data.domain_spec) whose datasets the run may name; relative paths
+    # are taken from the current folder, then catseg/, and stored absolute.
+    cfg.DATASETS.SPECS = []
 
     cfg.DATALOADER = CfgNode()
     cfg.DATALOADER.NUM_WORKERS = 4
@@ -649,14 +656,29 @@ def load_config(
             odd number of overrides; the message names the full key and, for files, the file.
         FileNotFoundError: the file or one of its ``_BASE_`` files does not exist.
     """
+    from .data.domain_spec import is_domain_spec_file, spec_config_opts
+    from .data.registry import register_domain_spec_file
+
     defaults = get_cfg()
     cfg = defaults.clone()
+    if config_file is not None and is_domain_spec_file(Path(config_file).expanduser()):
+        spec = register_domain_spec_file(Path(config_file).expanduser())
+        logger.info("%s is the domain spec of %r; its base config is %s", config_file, spec.name, spec.config)
+        config_file, opts = spec.config, [*spec_config_opts(spec), *opts]
     files = ([] if config_file is None else [config_file]) + list(overlays)
     for file in files:
         for file_path, mapping in _collect_chain(Path(file).expanduser().absolute()):
             logger.debug("Merging config file %s", file_path)
             _merge_mapping(cfg, defaults, mapping, str(file_path))
     _apply_overrides(cfg, defaults, opts)
+    specs = []
+    for given in cfg.DATASETS.SPECS:
+        path = find_input_path(given)
+        if not path.is_file():
+            raise ConfigError(f"DATASETS.SPECS names {given}, which is not a file (looked at {path})")
+        register_domain_spec_file(path)
+        specs.append(str(path))
+    cfg.DATASETS.SPECS = specs
     validate_config(cfg)
     cfg.freeze()
     return cfg

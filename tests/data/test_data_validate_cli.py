@@ -69,7 +69,7 @@ def test_validate_reports_size_mismatch(fresh_root, capsys: pytest.CaptureFixtur
     label = sorted((root / "pascal_ctx_d2/annotations_ctx59/training").iterdir())[0]
     Image.open(label).resize((13, 17)).save(label)
     assert validate_cli.main(["--root", str(root), "--domains", "pc59", "--splits", "train"]) == 1
-    assert "size mismatch" in capsys.readouterr().out
+    assert "image/label mismatch" in capsys.readouterr().out
 
 
 def test_validate_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

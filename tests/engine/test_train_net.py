@@ -449,6 +449,23 @@ def test_missing_dataset_root_is_refused(
     assert "DETECTRON2_DATASETS is not set" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_flag_parses_every_device_form(device: str) -> None:
+    args = train_net().build_parser().parse_args(["--config-file", "c.yaml", "--device", device])
+    assert args.device == device
+
+
+# ids "device=...": a test id "gpu" would read as the gpu marker (tests/conftest.py skips those without CUDA)
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:x", "cpu:0", "CUDA"], ids="device={}".format)
+def test_device_flag_refuses_anything_else_as_a_usage_error(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train_net().build_parser().parse_args(["--config-file", "c.yaml", "--device", device])
+    assert exit_info.value.code == 2
+    assert f"invalid device {device!r}: use auto, cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", ["run_lora.sh", "eval_lora.sh", "run.sh", "eval.sh"])
 def test_wrappers_print_usage_and_fail_without_three_arguments(env: Env, script: str) -> None:
     result = run_script(script, ["config.yaml", "1"], data_root=env.root)

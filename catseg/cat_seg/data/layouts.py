@@ -426,6 +426,75 @@ def scan_coconut(root: Path, *, split: str, dataset: str = "") -> Scan:
     return scan
 
 
+def _walk(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Files under ``folder`` (recursively, dot-names skipped) whose names end with one of ``suffixes``."""
+    found: list[Path] = []
+    for here, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(here) / n for n in names if not n.startswith(".") and n.endswith(tuple(suffixes))]
+    return sorted(found)
+
+
+def scan_spec(
+    root: Path,
+    *,
+    split: str,
+    images: str,
+    labels: str,
+    image_suffixes: tuple[str, ...],
+    label_suffix: str,
+    dataset: str = "",
+) -> Scan:
+    """A domain spec's split (``cat_seg.data.domain_spec``): absolute folders, ``root`` is not used.
+
+    ``images`` is a folder searched recursively for names ending with one of ``image_suffixes`` or a glob
+    pattern; the label of ``<image dir>/<sub>/<X><suffix>`` is ``<labels>/<sub>/<X><label_suffix>``. When
+    images and labels share a folder, the label files are not taken for images.
+    """
+    _check_split(split)
+    from .domain_spec import SplitSpec
+
+    where = SplitSpec(images, labels, image_suffixes, label_suffix)
+    image_dir, label_dir = where.image_dir, Path(labels)
+    scan = Scan(dataset, Path(root), image_dir, label_dir, [image_dir, label_dir])
+    if scan.missing_dirs:
+        return scan
+    label_files = set(_walk(label_dir, (label_suffix,)))
+    scan.num_labels = len(label_files)
+    if where.is_glob:
+        import glob
+
+        candidates = sorted(Path(p) for p in glob.glob(images, recursive=True) if Path(p).is_file())
+        scan.notes.append(f"images matching {images}")
+    else:
+        candidates = _walk(image_dir, image_suffixes)
+    seen: set[Path] = set()
+    for image in candidates:
+        if image in label_files:  # images and labels in one folder
+            continue
+        suffix = max((s for s in image_suffixes if image.name.endswith(s)), key=len, default=None)
+        if suffix is None:
+            scan.unexpected_files.append(image)
+            continue
+        scan.num_images += 1
+        relative = image.parent.relative_to(image_dir)
+        label = label_dir / relative / (image.name[: -len(suffix)] + label_suffix)
+        if label not in label_files:
+            scan.images_without_label.append(image)
+            continue
+        seen.add(label)
+        scan.pairs.append(Pair(image, label))
+    unmatched = sorted(label_files - seen - {p.image for p in scan.pairs})
+    if where.is_glob:  # a glob may pick some of a folder's images on purpose (e.g. a split by name)
+        if unmatched:
+            scan.notes.append(
+                f"{len(unmatched)} label(s) in {label_dir} belong to no image matching the pattern"
+            )
+    else:
+        scan.labels_without_image = unmatched
+    return scan
+
+
 # ----------------------------------------------------------------------------------------------------
 # records
 
@@ -472,6 +541,7 @@ SCANNERS = {
     "pascal_ctx59": scan_pascal_ctx59,
     "nyu": scan_nyu,
     "coconut": scan_coconut,
+    "spec": scan_spec,
 }
 """Layout (family) name -> scanner ``(root, *, split, dataset, **family_kwargs) -> Scan``."""
 

@@ -1,7 +1,8 @@
-"""Registry of the datasets behind the 20 SemLA domains: name -> ``DatasetSpec``.
+"""Registry of the datasets behind the 20 SemLA domains, and of your own: name -> ``DatasetSpec``.
 
-The registry is a plain read-only mapping built by ``build_registry()`` (no I/O, no environment reads);
-nothing is registered anywhere at import. The dataset root is always an argument; ``default_root``
+The built-in registry is a plain read-only mapping built by ``build_registry()`` (no I/O, no environment
+reads); nothing is registered anywhere at import. Domains of your own are added per process by
+``register_domain_spec`` (see :mod:`cat_seg.data.domain_spec`). The dataset root is always an argument; ``default_root``
 reads ``$DETECTRON2_DATASETS`` and is meant to be called from a CLI ``main`` only.
 
 Dataset names are the reference's: ``f"{domain}_sem_seg_{split}"`` with split ``train`` or ``val``
@@ -264,32 +265,127 @@ class UnknownDatasetError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+_SPEC_HINT = (
+    " (a domain of your own is known once its spec is registered: DATASETS.SPECS [FILE], the spec file as "
+    'the config, or --domain_spec FILE; see README "Adding your own domain")'
+)
+
+
 def _unknown(kind: str, name: str, known: list[str]) -> UnknownDatasetError:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(known)}"
-    return UnknownDatasetError(f"unknown {kind} {name!r}{hint}")
+    return UnknownDatasetError(f"unknown {kind} {name!r}{hint}{_SPEC_HINT}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# domains of your own (cat_seg.data.domain_spec), registered per process
+
+_REGISTERED: dict[str, DatasetSpec] = {}
+_SPECS: dict[str, Any] = {}  # domain name -> DomainSpec
+
+
+def register_domain_spec(spec: Any) -> list[str]:
+    """Add the datasets of a :class:`~cat_seg.data.domain_spec.DomainSpec` to this process's registry.
+
+    Registering the same spec again (same content) is a no-op.
+
+    Returns:
+        the dataset names it defines (``<name>_sem_seg_train`` and/or ``_val``).
+    Raises:
+        DomainSpecError: the name is a built-in domain's, or another spec already defined it differently.
+    """
+    from dataclasses import replace
+
+    from .domain_spec import DomainSpecError
+
+    if spec.name in DOMAINS:
+        raise DomainSpecError(
+            f"domain spec {spec.path}: name {spec.name!r} is a built-in domain; choose another"
+        )
+    known = _SPECS.get(spec.name)
+    if known is not None and replace(spec, path=known.path) != known:
+        raise DomainSpecError(
+            f"domain {spec.name!r} is defined by two different specs: {known.path} and {spec.path}"
+        )
+    names = []
+    for split, where in spec.splits:
+        name = dataset_name(spec.name, split)
+        _REGISTERED[name] = DatasetSpec(
+            name=name,
+            domain=spec.name,
+            split=split,
+            layout="spec",
+            layout_kwargs=(
+                ("image_suffixes", tuple(where.image_suffixes)),
+                ("images", where.images),
+                ("label_suffix", where.label_suffix),
+                ("labels", where.labels),
+            ),
+            class_json=str(spec.class_json),
+            num_classes=spec.num_classes,
+            ignore_label=spec.ignore_label,
+            label_format=f"8-bit PNG of class ids 0-{spec.num_classes - 1}, {spec.ignore_label} = ignore",
+            eval_label_kind="contiguous ids",
+            metric_convention=spec.metric,
+            evaluator_type="sem_seg",
+        )
+        names.append(name)
+    if known is None:
+        _SPECS[spec.name] = spec
+    return names
+
+
+def register_domain_spec_file(path: str | os.PathLike) -> Any:
+    """Load (``load_domain_spec``) and register a spec file; returns the ``DomainSpec``."""
+    from .domain_spec import load_domain_spec
+
+    spec = load_domain_spec(path)
+    register_domain_spec(spec)
+    return _SPECS[spec.name]
+
+
+def unregister_domain_specs() -> None:
+    """Forget every domain of your own registered in this process (for tests and long-lived processes)."""
+    _REGISTERED.clear()
+    _SPECS.clear()
+
+
+def registered_domain_specs() -> list[Any]:
+    """The domain specs registered in this process, in registration order."""
+    return list(_SPECS.values())
+
+
+def domain_spec(domain: str) -> Any | None:
+    """The registered spec of a domain of your own, or None (built-in or unknown domains)."""
+    return _SPECS.get(domain)
 
 
 def get_dataset(name: str) -> DatasetSpec:
     """The spec of a registered dataset; an unknown name raises ``UnknownDatasetError`` (a KeyError)."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise _unknown("dataset", name, list(DATASETS)) from None
+    found = DATASETS.get(name) or _REGISTERED.get(name)
+    if found is not None:
+        return found
+    domain, _, split = name.rpartition("_sem_seg_")
+    if domain in _SPECS:
+        raise UnknownDatasetError(
+            f"unknown dataset {name!r}: the spec of domain {domain!r} ({_SPECS[domain].path}) has no {split!r} split"
+        )
+    raise _unknown("dataset", name, [*DATASETS, *_REGISTERED]) from None
 
 
 def list_datasets(domain: str | None = None) -> list[str]:
-    """All registered dataset names (registry order), or those of one domain."""
+    """All registered dataset names (built-in ones first), or those of one domain."""
+    every = {**DATASETS, **_REGISTERED}
     if domain is None:
-        return list(DATASETS)
-    if domain not in DOMAINS:
-        raise _unknown("domain", domain, list(DOMAINS))
-    return [n for n, s in DATASETS.items() if s.domain == domain]
+        return list(every)
+    if domain not in DOMAINS and domain not in _SPECS:
+        raise _unknown("domain", domain, list_domains())
+    return [n for n, s in every.items() if s.domain == domain]
 
 
 def list_domains() -> list[str]:
-    """The 20 SemLA domain names."""
-    return list(DOMAINS)
+    """The 20 SemLA domain names, then the domains of your own registered in this process."""
+    return [*DOMAINS, *_SPECS]
 
 
 def load_records(name: str, root: str | Path) -> list[dict[str, Any]]:

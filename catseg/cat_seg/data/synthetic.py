@@ -10,6 +10,7 @@ Command line::
 
     python -m cat_seg.data.synthetic --layout acdc --root /tmp/ds --num-images 3 --seed 0
     python -m cat_seg.data.synthetic --layout all --root /tmp/ds
+    python -m cat_seg.data.synthetic --layout own --root /tmp/own --num-images 3   # a domain spec + its data
 """
 
 from __future__ import annotations
@@ -373,6 +374,59 @@ WRITERS: dict[str, Writer] = {
 """Layout name -> writer ``(root, num_images, rng, **kw) -> written files``."""
 
 
+OWN_DOMAIN_CLASSES = ("water", "road", "sky")
+
+
+def write_own_domain(
+    root: str | Path,
+    *,
+    name: str = "floods",
+    classes: Sequence[str] = OWN_DOMAIN_CLASSES,
+    num_train: int = 6,
+    num_val: int = 3,
+    seed: int = 0,
+) -> Path:
+    """A domain of your own, as a user would bring it: images, labels, a class list and a domain spec.
+
+    Writes ``<root>/<name>/{train,val}/images/*.jpg`` and ``.../labels/*.png`` (ids ``0 .. len(classes)-1``
+    and 255 = ignore), ``<root>/<name>/classes.json`` and the spec ``<root>/<name>.yaml`` (see
+    :mod:`cat_seg.data.domain_spec`). Returns the spec's path.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    ids = np.arange(len(classes))
+    for split, count in (("train", num_train), ("val", num_val)):
+        for i in range(count):
+            folder = root / name / split
+            _pair(
+                rng,
+                folder / "images" / f"{name}_{i:04d}.jpg",
+                folder / "labels" / f"{name}_{i:04d}.png",
+                ids,
+                255,
+            )
+    (root / name / "classes.json").write_text(json.dumps(list(classes)) + "\n")
+    spec = root / f"{name}.yaml"
+    spec.write_text(
+        f"# A domain of your own (python -m cat_seg.data.synthetic --layout own); paths relative to this file.\n"
+        f"name: {name}\n"
+        f"classes: {name}/classes.json\n"
+        "ignore_label: 255\n"
+        "metric: detectron2\n"
+        "train:\n"
+        f"  images: {name}/train/images\n"
+        f"  labels: {name}/train/labels\n"
+        "  image_suffix: .jpg\n"
+        "  label_suffix: .png\n"
+        "val:\n"
+        f"  images: {name}/val/images\n"
+        f"  labels: {name}/val/labels\n"
+        "  image_suffix: .jpg\n"
+        "  label_suffix: .png\n"
+    )
+    return spec
+
+
 def write_synthetic(
     layout: str, root: str | Path, num_images: int, seed: int, **kwargs: object
 ) -> list[Path]:
@@ -403,16 +457,25 @@ def write_synthetic(
 def build_parser() -> argparse.ArgumentParser:
     """Parser of ``python -m cat_seg.data.synthetic``."""
     parser = argparse.ArgumentParser(description="Write tiny synthetic datasets in the real on-disk layouts.")
-    parser.add_argument("--layout", required=True, choices=[*WRITERS, "all"], help="layout to write, or all")
+    parser.add_argument(
+        "--layout",
+        required=True,
+        choices=[*WRITERS, "all", "own"],
+        help='layout to write, all of them, or own: a domain of your own with its spec (README "Adding your '
+        'own domain"; 2 x --num-images train and --num-images val images, classes water, road, sky)',
+    )
     parser.add_argument("--root", required=True, type=Path, help="dataset root to write into")
-    parser.add_argument("--num-images", type=int, default=3, help="images per split (and per condition)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--num-images", type=int, default=3, help="images per split and per condition (default: 3)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "--conditions",
         nargs="+",
         default=None,
         help="acdc conditions (fog night rain snow) and/or muses <weather>-<time> (clear-day ...); default all",
     )
+    parser.add_argument("--name", default="floods", help="domain name of --layout own (default: floods)")
     return parser
 
 
@@ -427,6 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
+    if args.layout == "own":
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        spec = write_own_domain(
+            args.root, name=args.name, num_train=2 * args.num_images, num_val=args.num_images, seed=args.seed
+        )
+        print(f"own domain {args.name!r}: spec {spec}")
+        return 0
     layouts = list(WRITERS) if args.layout == "all" else [args.layout]
     conditions = args.conditions or []
     acdc = [c for c in conditions if c in ACDC_CONDITIONS]

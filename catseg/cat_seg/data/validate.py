@@ -1,11 +1,12 @@
 """Check what is present under a dataset root, per SemLA domain and split.
 
     python -m cat_seg.data.validate --root $DETECTRON2_DATASETS [--domains acdc-rain mv ...] [--splits val]
+    python -m cat_seg.data.validate --domain_spec floods.yaml          # a domain of your own
 
 For every requested domain/split it prints the expected folders (found / MISSING), the number of images
 and labels, and every mismatch: image without label, label without image, files named by an index
 (NYU split file, COCO panoptic JSON) that are missing, unexpected files, and image/label size
-mismatches (headers only). Exit status: 0 when every requested split is usable, 1 otherwise, 2 on a
+mismatches (headers only); for a domain of your own also label ids outside its class list. Exit status: 0 when every requested split is usable, 1 otherwise, 2 on a
 usage error (unknown domain, no root).
 """
 
@@ -19,9 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DatasetError, image_size, label_size
+from .domain_spec import DomainSpecError
+from .io import DatasetError, check_label_values, image_size, label_size, read_label
 from .layouts import SPLITS, Pair, Scan
-from .registry import DOMAINS, UnknownDatasetError, dataset_name, default_root, get_dataset, list_datasets
+from .registry import (
+    DOMAINS,
+    UnknownDatasetError,
+    dataset_name,
+    default_root,
+    domain_spec,
+    get_dataset,
+    list_datasets,
+    register_domain_spec_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +64,7 @@ class SplitReport:
                 if len(self.size_mismatches) > _MAX_LISTED
                 else ""
             )
-            out.append(f"{len(self.size_mismatches)} image/label size mismatch(es): {shown}{more}")
+            out.append(f"{len(self.size_mismatches)} image/label mismatch(es): {shown}{more}")
         return out
 
     @property
@@ -61,9 +72,12 @@ class SplitReport:
         return not self.problems()
 
 
-def _size_mismatch(pair: Pair) -> str | None:
+def _size_mismatch(pair: Pair, label_values: tuple[int, int] | None = None) -> str | None:
+    """A size mismatch of the pair (headers only); with ``(num_classes, ignore)`` also out-of-range ids."""
     try:
         image_hw, label_hw = image_size(pair.image), label_size(pair.label)
+        if label_values is not None:
+            check_label_values(read_label(pair.label), *label_values, path=pair.label)
     except DatasetError as e:
         return str(e)
     if image_hw != label_hw:
@@ -90,8 +104,10 @@ def check_dataset(
         report.error = str(e)
         return report
     pairs = report.scan.pairs if max_size_checks < 0 else report.scan.pairs[:max_size_checks]
+    # a domain of your own: its labels' ids are checked against its class list too
+    values = (spec.num_classes, spec.ignore_label) if domain_spec(spec.domain) is not None else None
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        results = list(pool.map(_size_mismatch, pairs))
+        results = list(pool.map(lambda pair: _size_mismatch(pair, values), pairs))
     report.sizes_checked = len(pairs)
     report.size_mismatches = [r for r in results if r is not None]
     label_ids = [
@@ -110,12 +126,18 @@ def validate_root(
     *,
     max_size_checks: int = -1,
 ) -> list[SplitReport]:
-    """``check_dataset`` for every requested domain and split (default: all 20 domains, both splits)."""
+    """``check_dataset`` for every requested domain and split (default: all 20 domains, both splits).
+
+    A domain of your own (registered from its spec) is checked for the splits its spec defines.
+    """
     reports = []
     for domain in domains or DOMAINS:
-        list_datasets(domain)  # raises UnknownDatasetError with close matches
+        present = list_datasets(domain)  # raises UnknownDatasetError with close matches
         for split in splits:
-            reports.append(check_dataset(dataset_name(domain, split), root, max_size_checks=max_size_checks))
+            name = dataset_name(domain, split)
+            if domain_spec(domain) is not None and name not in present:
+                continue
+            reports.append(check_dataset(name, root, max_size_checks=max_size_checks))
     return reports
 
 
@@ -168,16 +190,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", type=Path, default=None, help="dataset root (default: $DETECTRON2_DATASETS)"
     )
     parser.add_argument(
-        "--domains", nargs="+", default=None, help=f"domains to check (default: all {len(DOMAINS)})"
+        "--domains",
+        nargs="+",
+        default=None,
+        help=f"domains to check (default: all {len(DOMAINS)}, or those of --domain_spec when given)",
     )
     parser.add_argument(
-        "--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS), help="splits to check"
+        "--domain_spec",
+        nargs="+",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="domain spec file(s) of your own domains to check (their folders are in the spec; no --root needed)",
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=list(SPLITS),
+        choices=list(SPLITS),
+        help="splits to check (default: train val)",
     )
     parser.add_argument(
         "--max-size-checks",
         type=int,
         default=-1,
-        help="compare image/label sizes for at most this many pairs per split (-1: all, 0: none)",
+        help="compare image/label sizes for at most this many pairs per split (-1: all, 0: none; default: -1)",
     )
     return parser
 
@@ -192,12 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            root = args.root if args.root is not None else default_root()
+            own = [register_domain_spec_file(path).name for path in args.domain_spec]
+        except (DomainSpecError, FileNotFoundError) as e:
+            print(f"cat_seg.data.validate: error: {e}", file=sys.stderr)
+            return 1
+        domains = args.domains or own or None
+        only_own = bool(own) and all(domain_spec(d) is not None for d in domains or [])
+        try:
+            root = args.root if args.root is not None else (Path.cwd() if only_own else default_root())
         except ValueError as e:  # no root given: a usage error
             print(f"cat_seg.data.validate: error: {e}", file=sys.stderr)
             return 2
         try:
-            reports = validate_root(root, args.domains, args.splits, max_size_checks=args.max_size_checks)
+            reports = validate_root(root, domains, args.splits, max_size_checks=args.max_size_checks)
         except UnknownDatasetError as e:
             print(f"cat_seg.data.validate: error: {e}", file=sys.stderr)
             return 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,10 +113,12 @@ def launch(
         return worker(DistInfo(), *args)
     url = resolve_dist_url(dist_url)
     logger.info("spawning %d processes (%s, %s)", num_processes, backend, url)
+    from ..data.registry import registered_domain_specs
+
     mp.spawn(
         _spawned,
         nprocs=num_processes,
-        args=(worker, num_processes, backend, device_type, url, args),
+        args=(worker, num_processes, backend, device_type, url, args, registered_domain_specs()),
         join=True,
     )
     return None
@@ -130,7 +132,12 @@ def _spawned(
     device_type: str,
     url: str,
     args: tuple[Any, ...],
+    domain_specs: Sequence[Any] = (),
 ) -> None:
+    from ..data.registry import register_domain_spec
+
+    for spec in domain_specs:  # the parent's domains of your own (a spawned process starts afresh)
+        register_domain_spec(spec)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, init_method=url, world_size=world_size, rank=local_rank)
