@@ -4,6 +4,7 @@ Examples (from the repository root, after ``make demo``, which builds the demo m
 
     python demo.py --input demo_output/world/muses/frame_camera/val/fog/night --output demo_predictions
     python demo.py --input photo.jpg --classes "road,sidewalk,car,person,tree,sky" --output out
+    python demo.py --input floods/val/images --config-file floods.yaml --weights base.pth --output out  # own domain
     python demo.py --input "images/*.png" --config-file catseg/configs/vitl_336.yaml \\
         --weights catseg/models/model_final.pth --class-json catseg/datasets/cs19.json \\
         --lora_library_path catseg/loradb --embedding_model models/clip-vit-large-patch14 --output out
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", help='class names, comma-separated: "road,car,person" (default: the config\'s)'
     )
     vocab.add_argument("--class-json", help="a JSON list of class names (index = class id)")
+    vocab.add_argument(
+        "--domain_spec",
+        metavar="FILE",
+        help='the class names of a domain of your own, from its spec (README "Adding your own domain")',
+    )
     parser.add_argument("--output", type=Path, required=True, help="folder for the pictures and label maps")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument(
@@ -106,6 +112,10 @@ def class_names(args: argparse.Namespace) -> list[str] | None:
         from cat_seg.modeling.text import load_class_names
 
         return load_class_names(args.class_json)
+    if args.domain_spec is not None:
+        from cat_seg.data.registry import register_domain_spec_file
+
+        return list(register_domain_spec_file(args.domain_spec).class_names)
     return None
 
 
@@ -160,6 +170,13 @@ def _run(args: argparse.Namespace) -> int:
         if segmenter.library is not None
         else "zeroshot"
     )
+    if method == "uniform" and args.method is None:
+        print(
+            "demo.py: warning: --lora_library_path without --embedding_model: every adapter at 1/N (uniform), no "
+            "retrieval; pass --embedding_model (the embedder that made the library's statistics) for SemLA",
+            file=sys.stderr,
+            flush=True,
+        )
     if len(segmenter.class_names) > 255:
         raise ValueError(f"{len(segmenter.class_names)} classes do not fit an 8-bit label map (at most 255)")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -43,10 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="one or more of zeroshot, oracle, uniform, semla (several: one pass over the data, a side-by-side table)",
     )
     parser.add_argument(
-        "--source_domains", type=Path, help="YAML list of the library's domains (uniform, semla)"
+        "--source_domains",
+        type=Path,
+        help="YAML list of the library's domains (uniform, semla): names or domain spec files",
     )
     parser.add_argument(
-        "--target_domains", type=Path, required=True, help="YAML list of the domains to evaluate"
+        "--target_domains",
+        type=Path,
+        required=True,
+        help="YAML list of the domains to evaluate (names or domain spec files); each with its own classes",
+    )
+    parser.add_argument(
+        "--domain_specs",
+        type=Path,
+        metavar="DIR",
+        help="register every domain spec (*.yaml) of DIR, so that the lists may name those domains (a list may "
+        "also name a spec file directly)",
     )
     parser.add_argument(
         "--semla_config",
@@ -171,6 +183,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         experiments=tuple(args.experiment),
         source_domains=args.source_domains,
         target_domains=args.target_domains,
+        domain_specs=args.domain_specs,
         output_dir=args.output_dir.absolute(),
         model_weights=args.model_weights,
         lora_library_path=args.lora_library_path,

@@ -1,9 +1,13 @@
-"""SemLA's domains: name -> (config file, training dataset, validation dataset).
+"""SemLA's domains: name -> (config file, training dataset, validation dataset), built-in or your own.
 
 The 20 domains and their datasets are those of :mod:`cat_seg.data.registry` (``<domain>_sem_seg_train``
 / ``_val``); this module adds the one fact the registry does not hold, the config file each domain's
 adapter is trained and evaluated with (the original code's ``get_domain_args`` table), and reads the
 YAML lists of source and target domains that ``experiments.py`` and ``generate_embeddings.py`` take.
+
+Domains of your own come from domain specs (:mod:`cat_seg.data.domain_spec`): registered from a folder
+(:func:`register_spec_folder`, ``--domain_specs DIR``) or named by their file in a domain list; their
+config file is the spec itself (``load_config`` turns it into the domain's config).
 
 Deliberate differences from the original table: a domain's prototype is computed from the images of
 its *registered* training dataset (the original globbed other folders for ``a150``, ``nyu`` and
@@ -20,7 +24,16 @@ from pathlib import Path
 
 import yaml
 
-from cat_seg.data.registry import CATSEG_DIR, DOMAINS, DatasetSpec, dataset_name, get_dataset
+from cat_seg.data.domain_spec import DomainSpecError, find_spec_files
+from cat_seg.data.registry import (
+    CATSEG_DIR,
+    DOMAINS,
+    DatasetSpec,
+    dataset_name,
+    domain_spec,
+    get_dataset,
+    register_domain_spec_file,
+)
 
 __all__ = [
     "Domain",
@@ -29,6 +42,7 @@ __all__ = [
     "get_domain",
     "list_domains",
     "read_domain_list",
+    "register_spec_folder",
 ]
 
 # Config files of the domains whose name does not give it (relative to catseg/, as in the original).
@@ -49,7 +63,7 @@ class DomainError(ValueError):
 
 
 class UnknownDomainError(DomainError):
-    """A domain name that is not one of the 20 SemLA domains; the message lists the known ones."""
+    """A domain name that is neither built-in nor registered from a spec; the message lists the known ones."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,8 @@ class Domain:
     """One SemLA domain.
 
     Attributes:
-        name: ``acdc-rain``, ``muses-fog-night``, ``mv``, ...
-        config_file: the domain's config (absolute path inside ``catseg/configs``).
+        name: ``acdc-rain``, ``muses-fog-night``, ``mv``, ... or the name in a domain spec.
+        config_file: the domain's config (absolute path inside ``catseg/configs``), or its spec file.
         train_dataset: registered name of its training split (the prototype's images).
         val_dataset: registered name of its validation split (what experiments evaluate).
     """
@@ -87,20 +101,37 @@ def _config_file(name: str) -> str:
 
 
 def list_domains() -> list[str]:
-    """The 20 SemLA domain names, in the order of the paper's source list."""
-    return list(DOMAINS)
+    """The 20 SemLA domain names (the paper's source order), then the ones registered from specs."""
+    from cat_seg.data.registry import list_domains as registered
+
+    return registered()
+
+
+def _known() -> str:
+    return ", ".join(list_domains())
 
 
 def get_domain(name: str) -> Domain:
-    """The domain called ``name``.
+    """The domain called ``name`` (built-in, or registered from a domain spec).
 
     Raises:
         UnknownDomainError: listing the known names (and the closest ones).
     """
+    spec = domain_spec(name) if isinstance(name, str) else None
+    if spec is not None:
+        return Domain(
+            name=name,
+            config_file=spec.path,
+            train_dataset=dataset_name(name, "train"),
+            val_dataset=dataset_name(name, "val"),
+        )
     if name not in DOMAINS:
-        close = difflib.get_close_matches(str(name), DOMAINS, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(str(name), list_domains(), n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise UnknownDomainError(f"unknown domain {name!r}; {hint}known domains: {', '.join(DOMAINS)}")
+        raise UnknownDomainError(
+            f"unknown domain {name!r}; {hint}known domains: {_known()} (a domain of your own: name its spec "
+            "file in the list, or pass --domain_specs DIR)"
+        )
     return Domain(
         name=name,
         config_file=CATSEG_DIR / _config_file(name),
@@ -109,8 +140,33 @@ def get_domain(name: str) -> Domain:
     )
 
 
+def register_spec_folder(folder: str | os.PathLike) -> list[str]:
+    """Register every domain spec (``*.yaml``) of a folder; returns their domain names.
+
+    Raises:
+        FileNotFoundError: no such folder, or no ``*.yaml`` in it.
+        DomainSpecError: naming each spec file that cannot be used (all of them at once).
+    """
+    names, problems = [], []
+    for path in find_spec_files(folder):
+        try:
+            names.append(register_domain_spec_file(path).name)
+        except DomainSpecError as e:
+            problems.append(str(e))
+    if problems:
+        raise DomainSpecError("; ".join(problems))
+    return names
+
+
+def _is_spec_entry(entry: str) -> bool:
+    return entry.endswith((".yaml", ".yml"))
+
+
 def read_domain_list(path: str | os.PathLike, *, what: str = "domains") -> list[str]:
-    """Read a YAML list of domain names (the original's ``config/source_domains.yaml`` format).
+    """Read a YAML list of domains (the original's ``config/source_domains.yaml`` format).
+
+    An entry is a domain name, or the path of a domain spec file (``*.yaml``; relative to the list's
+    folder, else to the current one), which is registered and stands for its domain.
 
     Args:
         path: the YAML file.
@@ -119,35 +175,57 @@ def read_domain_list(path: str | os.PathLike, *, what: str = "domains") -> list[
         the names, in file order (checked: known, not repeated, at least one).
     Raises:
         FileNotFoundError: the file does not exist.
-        DomainError: not a YAML list of strings, empty, repeated or unknown names (all reported).
+        DomainError: not a YAML list of strings, empty, repeated or unknown names, unusable spec files
+            (all reported).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
-        names = yaml.safe_load(path.read_text(encoding="utf-8"))
+        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DomainError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    if not isinstance(entries, list) or not all(isinstance(n, str) for n in entries):
         raise DomainError(f"{path}: expected a YAML list of {what} names (- acdc-rain, - bdd, ...)")
-    if not names:
+    if not entries:
         raise DomainError(f"{path}: the list of {what} is empty")
+    names, problems = [], []
+    for entry in entries:
+        if not _is_spec_entry(entry):
+            names.append(entry)
+            continue
+        spec_file = Path(entry).expanduser()
+        if not spec_file.is_absolute():
+            beside = path.parent / spec_file
+            spec_file = beside if beside.is_file() or not spec_file.is_file() else spec_file
+        try:
+            names.append(register_domain_spec_file(spec_file).name)
+        except (DomainSpecError, FileNotFoundError) as e:
+            problems.append(str(e))
+    if problems:
+        raise DomainError(f"{path}: " + "; ".join(problems))
     return check_domain_names(names, where=str(path))
 
 
 def check_domain_names(names: Sequence[str], *, where: str) -> list[str]:
     """Check that every name is a known domain and none repeats; all problems in one error."""
+    known = _known()
     problems = []
     for name in names:
         try:
             get_domain(name)
         except UnknownDomainError as e:
-            problems.append(str(e).split("; known domains:")[0])
+            problems.append(str(e).split("; known domains:")[0].split(" known domains:")[0].rstrip(" ;"))
     unknown = bool(problems)
     repeated = sorted({n for n in names if list(names).count(n) > 1})
     if repeated:
         problems.append(f"repeated: {', '.join(repeated)}")
     if problems:
         error = UnknownDomainError if unknown else DomainError
-        raise error(f"{where}: " + "; ".join(problems) + f" (known domains: {', '.join(DOMAINS)})")
+        own = (
+            "; a domain of your own: name its spec file in the list, or pass --domain_specs DIR"
+            if unknown
+            else ""
+        )
+        raise error(f"{where}: " + "; ".join(problems) + f" (known domains: {known}{own})")
     return list(names)

@@ -11,9 +11,12 @@ Examples::
         --lora_library_path catseg/loradb --embedding_model /models/clip-vit-large-patch14
     python domain_orchestrator/generate_embeddings.py ... --embedding_model catseg \\
         --model_weights catseg/models/model_final.pth         # CAT-Seg's own CLIP image tower
+    python domain_orchestrator/generate_embeddings.py --images /data/floods/train --name floods \
+        --lora_library_path catseg/loradb --embedding_model /models/clip-vit-large-patch14   # any folder
 
 The images are those of each domain's registered training dataset (``<domain>_sem_seg_train`` under
-``--datasets_root`` / ``$DETECTRON2_DATASETS``), each embedded from its original file. Exit status: 0 on
+``--datasets_root`` / ``$DETECTRON2_DATASETS``; for a domain of your own, the folders of its spec), each
+embedded from its original file; or, with ``--images DIR --name NAME``, those of any folder. Exit status: 0 on
 success, 1 with a one-line message when something is missing or wrong (all problems are checked before
 any embedding), 2 for a usage error.
 """
@@ -36,18 +39,37 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0]).resolve() == Path(_
 logger = logging.getLogger("generate_embeddings")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate_embeddings.py",
-        description="Write each source domain's mean image embedding (<lib>/<domain>/<domain>_statistics.npz).",
+        description="Write each source domain's mean image embedding (<lib>/<domain>/<domain>_statistics.npz), "
+        "for the domains of a list or for a folder of images (--images DIR --name NAME).",
     )
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--source_domains",
         "--source_domains_file",
         dest="source_domains",
         type=Path,
-        required=True,
-        help="YAML list of domain names (--source_domains_file, the original's name, works too)",
+        help="YAML list of domains: names, or domain spec files (--source_domains_file, the original's name, "
+        "works too)",
+    )
+    what.add_argument(
+        "--images",
+        nargs="+",
+        metavar="DIR",
+        help="image folders, files or glob patterns whose mean embedding is the statistics of --name (no dataset "
+        "or domain needed)",
+    )
+    parser.add_argument("--name", help="with --images: the domain (adapter folder) the statistics belong to")
+    parser.add_argument(
+        "--domain_specs",
+        type=Path,
+        metavar="DIR",
+        help="register every domain spec (*.yaml) of DIR, so that the list may name those domains",
     )
     parser.add_argument(
         "--lora_library_path",
@@ -94,12 +116,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_errors("generate_embeddings.py", lambda: _main(args, argv), debug=args.debug)
 
 
-def _image_list_digest(files: Sequence[str], root: Path) -> str:
-    """sha256 of the sorted image paths relative to the dataset root (which images the mean is over)."""
+def _image_list_digest(files: Sequence[str], root: Path | None) -> str:
+    """sha256 of the sorted image paths relative to ``root`` (which images the mean is over)."""
     digest = hashlib.sha256()
-    for name in sorted(os.path.relpath(f, root) for f in files):
+    names = sorted(os.path.relpath(f, root) if root is not None else os.path.basename(f) for f in files)
+    for name in names:
         digest.update(name.encode("utf-8") + b"\n")
     return digest.hexdigest()
+
+
+def find_images(patterns: Sequence[str]) -> list[str]:
+    """Folders (their images, recursively, sorted), files and glob patterns -> image files.
+
+    Raises:
+        FileNotFoundError: an entry that matches no image, named.
+    """
+    import glob
+
+    found: list[str] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            images = sorted(
+                str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            )
+            if not images:
+                raise FileNotFoundError(
+                    f"--images {pattern}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"
+                )
+            found += images
+        elif path.is_file():
+            found.append(str(path))
+        else:
+            matches = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise FileNotFoundError(f"--images {pattern}: no such folder or file, and no file matches it")
+            found += matches
+    return [str(Path(f).absolute()) for f in dict.fromkeys(found)]
 
 
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
@@ -107,8 +160,11 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
     from cat_seg.config import find_input_path
     from cat_seg.data import DatasetError, load_records
+    from cat_seg.data.domain_spec import DEFAULT_BASE_CONFIG
+    from cat_seg.data.registry import domain_spec
+    from cat_seg.engine.lora import validate_adapter_name
     from cat_seg.engine.setup import git_sha, resolve_device
-    from domain_orchestrator.domains import get_domain, read_domain_list
+    from domain_orchestrator.domains import get_domain, read_domain_list, register_spec_folder
     from domain_orchestrator.orchestrator import ExperimentError
     from domain_orchestrator.prototypes import (
         StatisticsError,
@@ -119,31 +175,59 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     problems: list[str] = []
-    domains = read_domain_list(args.source_domains, what="source domains")
-    root = args.datasets_root or (
-        Path(os.environ["DETECTRON2_DATASETS"]) if os.environ.get("DETECTRON2_DATASETS") else None
-    )
-    if root is None:
-        raise ValueError("no dataset root: pass --datasets_root DIR or set $DETECTRON2_DATASETS")
-    root = root.expanduser().absolute()
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"dataset root {root} does not exist (--datasets_root or $DETECTRON2_DATASETS)"
-        )
+    if args.domain_specs is not None:
+        register_spec_folder(args.domain_specs)
+    if args.images is not None:
+        if not args.name:
+            raise ValueError(
+                "--images needs --name NAME: the domain (adapter folder) the statistics belong to"
+            )
+        try:
+            validate_adapter_name(args.name)
+        except ValueError:
+            raise ValueError(
+                f"--name must be letters, digits, '_' or '-' (it names a folder), got {args.name!r}"
+            ) from None
+        domains = [args.name]
+    else:
+        if args.name:
+            raise ValueError("--name goes with --images (a list of domains names its domains itself)")
+        domains = read_domain_list(args.source_domains, what="source domains")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     library = find_input_path(args.lora_library_path)
     todo = [d for d in domains if args.overwrite or not statistics_path(library / d, d).is_file()]
     kept = [d for d in domains if d not in todo]
-    records = {}
+    # built-in domains read their images under the dataset root; a domain spec says where its are
+    needs_root = args.images is None and any(domain_spec(d) is None for d in todo)
+    root = args.datasets_root or (
+        Path(os.environ["DETECTRON2_DATASETS"]) if os.environ.get("DETECTRON2_DATASETS") else None
+    )
+    if root is not None:
+        root = root.expanduser().absolute()
+    if needs_root and root is None:
+        raise ValueError("no dataset root: pass --datasets_root DIR or set $DETECTRON2_DATASETS")
+    if needs_root and not root.is_dir():
+        raise FileNotFoundError(
+            f"dataset root {root} does not exist (--datasets_root or $DETECTRON2_DATASETS)"
+        )
+    files: dict[str, list[str]] = {}
+    sources: dict[str, dict[str, str | None]] = {}  # domain -> where its images come from (metadata)
     for name in todo:
+        if args.images is not None:
+            files[name] = find_images(args.images)
+            sources[name] = {"dataset": None, "images": " ".join(args.images)}
+            continue
         dataset = get_domain(name).train_dataset
+        where = root if domain_spec(name) is None else "its spec's folders"
         try:
-            records[name] = load_records(dataset, root)
-            if not records[name]:
-                problems.append(f"{name}: {dataset} has no images under {root}")
-        except (DatasetError, FileNotFoundError) as e:
-            problems.append(f"{name}: {dataset} is not usable under {root}: {e}")
+            records = load_records(dataset, root or Path.cwd())
+            files[name] = [r["file_name"] for r in records]
+            sources[name] = {"dataset": dataset}
+            if not records:
+                problems.append(f"{name}: {dataset} has no images under {where}")
+        except (DatasetError, FileNotFoundError, KeyError) as e:
+            problems.append(f"{name}: {dataset} is not usable under {where}: {e}")
     device = resolve_device(args.device)
     model = None
     if args.embedding_model == "catseg":
@@ -157,6 +241,21 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         and not Path(args.embedding_model).expanduser().exists()
     ):
         problems.append(f"--embedding_model {args.embedding_model}: no such folder")
+    missing_identity = []  # kept files that record no embedder, beside files written with one
+    for name in kept:
+        try:
+            metadata = read_statistics_metadata(library / name, name)
+        except StatisticsError as e:
+            problems.append(f"{e} (pass --overwrite to recompute it)")
+            continue
+        if (metadata or {}).get("embedder") is None:
+            missing_identity.append(name)
+    if missing_identity and todo:
+        problems.append(
+            f"the statistics of {', '.join(missing_identity)} (in {library}) record no embedder, but those written "
+            f"now ({', '.join(todo)}) will: a library mixing both cannot be checked against --embedding_model; "
+            "pass --overwrite to recompute every file with this embedder"
+        )
     if problems:
         raise ExperimentError(problems)
 
@@ -164,10 +263,16 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.embedding_model == "catseg":
         from cat_seg.checkpoint import load_checkpoint
+        from cat_seg.config import load_config
         from cat_seg.modeling import build_model
         from domain_orchestrator.orchestrator import target_config
 
-        cfg = target_config(domains[0], model_weights=weights, overlays=args.config_overlay)
+        if args.images is not None:
+            cfg = load_config(
+                DEFAULT_BASE_CONFIG, ["MODEL.WEIGHTS", str(weights)], overlays=args.config_overlay
+            )
+        else:
+            cfg = target_config(domains[0], model_weights=weights, overlays=args.config_overlay)
         model = build_model(cfg, device, class_names=False)
         load_checkpoint(model, weights)
         model.eval()
@@ -175,11 +280,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     logger.info("embedder: %s (%d-d) on %s", args.embedding_model, embedder.dim, device)
 
     for name in kept:
-        try:
-            metadata = read_statistics_metadata(library / name, name)
-        except StatisticsError as e:
-            raise StatisticsError(f"{e} (pass --overwrite to recompute it)") from None
-        made_by = (metadata or {}).get("embedder")
+        made_by = (read_statistics_metadata(library / name, name) or {}).get("embedder")
         if made_by is None:
             logger.warning("%s: kept %s (no embedder recorded)", name, statistics_path(library / name, name))
         elif not same_embedder(made_by, embedder.identity):
@@ -192,29 +293,29 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             )
     rows = [(name, "kept", "-") for name in kept]
     for name in todo:
-        files = [r["file_name"] for r in records[name]]
         vectors = embedder.embed_files(
-            files,
+            files[name],
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             progress=not args.no_progress,
             desc=name,
         )
         mean = vectors.astype(np.float64).mean(axis=0)
+        image_root = root if sources[name].get("dataset") and domain_spec(name) is None else None
         metadata = {
             "format": 1,
             "domain": name,
-            "dataset": get_domain(name).train_dataset,
-            "num_images": len(files),
-            "images_sha256": _image_list_digest(files, root),
+            **sources[name],
+            "num_images": len(files[name]),
+            "images_sha256": _image_list_digest(files[name], image_root),
             "embedder": embedder.identity,
             "embedding_model": args.embedding_model,
             "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_sha": git_sha(),
         }
         path = write_statistics(library / name, name, mean, metadata)
-        logger.info("%s: mean of %d embeddings -> %s", name, len(files), path)
-        rows.append((name, "written", str(len(files))))
+        logger.info("%s: mean of %d embeddings -> %s", name, len(files[name]), path)
+        rows.append((name, "written", str(len(files[name]))))
     width = max(len(n) for n in domains) + 2
     print(f"{'domain':<{width}}{'status':<10}{'images':>8}")
     for name in domains:

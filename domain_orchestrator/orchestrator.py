@@ -51,6 +51,8 @@ import yaml
 from cat_seg.config import CfgNode, ConfigError, find_input_path, load_config, resolve_catseg_path
 from cat_seg.data import DatasetError, InferenceSampler, get_dataset, load_records, mapper_from_cfg
 from cat_seg.data.build import MappedDataset, trivial_batch_collator
+from cat_seg.data.domain_spec import DomainSpecError
+from cat_seg.data.registry import UnknownDatasetError, domain_spec
 from cat_seg.engine.evaluate import check_vocabulary, label_prediction
 from cat_seg.engine.launch import DistInfo, all_gather_objects, barrier
 from cat_seg.engine.setup import collect_run_info, resolve_device
@@ -58,7 +60,7 @@ from cat_seg.evaluation import SemSegEvaluator
 from cat_seg.fileio import atomic_write
 from cat_seg.progress import progress
 
-from .domains import DomainError, get_domain, read_domain_list
+from .domains import DomainError, get_domain, read_domain_list, register_spec_folder
 from .library import ADAPTER_CONFIG, AdapterLibrary, AdapterLibraryError
 from .prototypes import load_prototypes, statistics_path
 from .reporting import ImageWeights, ResultsBook, format_summary
@@ -205,7 +207,8 @@ class ExperimentSettings:
 
     Attributes:
         experiments: subset of :data:`EXPERIMENTS`, in the order to report them.
-        source_domains, target_domains: YAML lists of domain names.
+        source_domains, target_domains: YAML lists of domains (names, or domain spec files).
+        domain_specs: a folder of domain specs (``*.yaml``) to register before reading the lists.
         semla_config: YAML of :class:`SemlaConfig` keys, or None for the defaults.
         output_dir: where the outputs go.
         remove_target_adapter: leave the target's own adapter out of ``uniform`` and ``semla``.
@@ -230,6 +233,7 @@ class ExperimentSettings:
     source_domains: Path | None
     target_domains: Path | None
     output_dir: Path
+    domain_specs: Path | None = None
     model_weights: str = "models/model_final.pth"
     lora_library_path: str = "loradb"
     semla_config: Path | None = None
@@ -339,10 +343,25 @@ def _fingerprint(
         "embedding_model": settings.embedding_model,
         "datasets_root": str(plan_parts["datasets_root"]),
         "config_overlays": overlays,
+        "domain_specs": _spec_fingerprints([*plan_parts["sources"], *plan_parts["targets"]]),
         "opts": list(settings.opts),
         "batch_size": settings.batch_size,
         "world_size": world_size,
     }
+
+
+def _spec_fingerprints(domains: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The spec file and class list of each domain of your own among ``domains`` (they change the numbers)."""
+    out = {}
+    for name in dict.fromkeys(domains):
+        spec = domain_spec(name)
+        if spec is not None:
+            out[name] = {
+                "spec": str(spec.path),
+                "sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+                "classes": list(spec.class_names),
+            }
+    return out
 
 
 def _output_files_present(output_dir: Path) -> list[Path]:
@@ -381,6 +400,12 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
     if settings.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {settings.batch_size}")
     needs_sources = bool({"uniform", "semla"} & set(experiments))
+    if settings.domain_specs is not None:
+        try:
+            register_spec_folder(settings.domain_specs)
+        except (DomainSpecError, FileNotFoundError) as e:
+            problems.append(f"--domain_specs {settings.domain_specs}: {e}")
+    list_problems: dict[str, list[str]] = {}  # one message per problem, naming every flag it came from
 
     def read_list(path: Path | None, what: str, flag: str, required: bool) -> list[str]:
         if path is None:
@@ -388,13 +413,15 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
                 problems.append(f"{flag} is required (a YAML list of {what})")
             return []
         try:
-            return read_domain_list(path, what=what)
+            return read_domain_list(path, what="domains")
         except (DomainError, FileNotFoundError) as e:
-            problems.append(str(e))
+            list_problems.setdefault(str(e), []).append(flag)
             return []
 
     sources = read_list(settings.source_domains, "source domains", "--source_domains", needs_sources)
     targets = read_list(settings.target_domains, "target domains", "--target_domains", True)
+    for message, flags in list_problems.items():
+        problems.append(f"{' and '.join(flags)}: {message}")
     semla = SemlaConfig()
     if settings.semla_config is not None:
         try:
@@ -436,7 +463,7 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
             )
             mapper_from_cfg(cfg, is_train=False)
             arch = architecture_key(cfg)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
+        except (ConfigError, ValueError, FileNotFoundError, UnknownDatasetError) as e:
             problems.append(f"target {name}: {e}")
             continue
         records: list[dict[str, Any]] = []

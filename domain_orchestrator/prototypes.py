@@ -150,7 +150,8 @@ class Prototypes:
         vectors: (N, D) float32, in the order of ``names`` (None when any problem was found).
         names: the domains.
         problems: what makes them unusable (missing or malformed files, another dimension or embedder).
-        unverified: domains whose file records no embedder (the original's files): assumed to match.
+        unverified: domains whose file records no embedder (the original's files): assumed to match when no
+            file records one; mixed with files that do, a problem.
     """
 
     vectors: np.ndarray | None
@@ -182,6 +183,13 @@ def load_prototypes(
     foreign: dict[str, list[str]] = {}  # embedder description -> domains whose statistics it made
     for name in names:
         folder = library / name
+        if not statistics_path(folder, name).is_file():
+            problems.append(
+                f"source {name!r}: missing statistics {statistics_path(folder, name)} (the domain's mean image "
+                f"embedding); make them with generate_embeddings.py --images <its training images> --name {name} "
+                f"--lora_library_path {library} --embedding_model {spec or 'SPEC'}"
+            )
+            continue
         try:
             vector = read_statistics(folder, name)
             metadata = read_statistics_metadata(folder, name)
@@ -206,6 +214,12 @@ def load_prototypes(
             f"the statistics of {', '.join(which)} (in {library}) were made by another embedder ({made_by}) than "
             f"{spec or 'the embedder given'} ({describe_embedder(identity or {})}); recompute them with this "
             "embedder (generate_embeddings.py --overwrite) or pass the embedder that made them"
+        )
+    if unverified and len(unverified) < len(vectors):
+        problems.append(
+            f"the statistics of {', '.join(unverified)} (in {library}) record no embedder while the others do: a "
+            "library mixing both cannot be checked against the embedder; recompute them with "
+            "generate_embeddings.py --overwrite (the domain's list, or --images DIR --name NAME)"
         )
     if len({v.shape[0] for v in vectors}) > 1 and not problems:
         problems.append(f"the statistics in {library} have different dimensions")

@@ -697,6 +697,9 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
     vocab = parser.add_mutually_exclusive_group()
     vocab.add_argument("--classes", help="initial class names, comma-separated (default: the config's)")
     vocab.add_argument("--class-json", help="initial class names from a JSON list")
+    vocab.add_argument(
+        "--domain_spec", metavar="FILE", help="initial class names: those of a domain of your own (its spec)"
+    )
     parser.add_argument(
         "--gallery",
         default=str(DEMO / "world"),
@@ -706,7 +709,10 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
         "--gallery-per-folder", type=int, default=2, help="images offered per folder (default: 2)"
     )
     parser.add_argument(
-        "--max-side", type=int, default=Limits.max_side, help="downscale longer images to this (px)"
+        "--max-side",
+        type=int,
+        default=Limits.max_side,
+        help="downscale longer images to this (px; default: %(default)s)",
     )
     parser.add_argument(
         "--max-megapixels",
@@ -715,7 +721,10 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
         help="refuse larger images (default: 40)",
     )
     parser.add_argument(
-        "--max-file-mb", type=int, default=Limits.max_file_mb, help="refuse larger uploads (MB)"
+        "--max-file-mb",
+        type=int,
+        default=Limits.max_file_mb,
+        help="refuse larger uploads (MB; default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
@@ -768,6 +777,10 @@ def build_demo(args: argparse.Namespace) -> WebDemo:
         from cat_seg.modeling.text import load_class_names
 
         segmenter.set_classes(load_class_names(args.class_json))
+    elif args.domain_spec is not None:
+        from cat_seg.data.registry import register_domain_spec_file
+
+        segmenter.set_classes(list(register_domain_spec_file(args.domain_spec).class_names))
     limits = Limits(
         max_side=args.max_side, max_pixels=int(args.max_megapixels * 1e6), max_file_mb=args.max_file_mb
     )
