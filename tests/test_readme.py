@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +71,64 @@ def test_every_python_block_runs(stand_ins: dict[str, str], monkeypatch) -> None
             assert len(namespace["outputs"]) == 2
             assert namespace["outputs"][0]["sem_seg"].shape == (19, 40, 40)
             assert torch.allclose(namespace["w"].sum(dim=1), torch.ones(2, dtype=torch.float64))
+
+
+SH_BLOCK = re.compile(r"<!-- readme-test-sh (?P<marker>\{.*?\}) -->\n```bash\n(?P<code>.*?)```", re.S)
+
+
+def shell_blocks(text: str) -> list[tuple[int, str, dict]]:
+    """``(line, code, marker)`` of each marked shell block (``<!-- readme-test-sh {...} -->``)."""
+    return [
+        (text.count("\n", 0, m.start("code")) + 1, m.group("code"), json.loads(m.group("marker")))
+        for m in SH_BLOCK.finditer(text)
+    ]
+
+
+@pytest.mark.slow
+def test_adding_your_own_domain_runs_as_written(tmp_path) -> None:  # noqa: ANN001
+    """The README's own-domain walk: validate, run_lora.sh on the spec, statistics from a folder, the four
+    experiments over the new domain and two built-in ones, demo.py; run as written (``uv run`` dropped, the
+    test's interpreter first on PATH) and checked."""
+    import os
+    import subprocess
+    import sys
+
+    blocks = [b for b in shell_blocks(README.read_text(encoding="utf-8")) if "--layout own" in b[1]]
+    assert len(blocks) == 1
+    line, code, marker = blocks[0]
+    for old, new in marker.get("replace", {}).items():
+        assert old in code, f"README.md:{line}: marker text {old!r} is not in the block"
+        code = code.replace(old, new.format(tmp=tmp_path))
+    code = code.replace("uv run ", "")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("DETECTRON2_DATASETS", None)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    done = subprocess.run(
+        ["bash", "-e", "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200
+    )
+    assert done.returncode == 0, f"README.md:{line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    D = tmp_path / "semla_own"
+    domains = ["acdc-rain", "acdc-fog", "floods"]
+    for experiment in ("zeroshot", "uniform", "semla", "oracle"):
+        assert list(json.loads((D / "results" / experiment / "results.json").read_text())) == domains
+    metrics = json.loads((D / "results" / "metrics.json").read_text())
+    assert [k for k in metrics["floods"]["zeroshot"] if k.startswith("IoU-")] == [
+        "IoU-water",
+        "IoU-road",
+        "IoU-sky",
+    ]
+    assert (
+        "IoU-road" in metrics["acdc-rain"]["zeroshot"] and "IoU-water" not in metrics["acdc-rain"]["zeroshot"]
+    )
+    weights = json.loads((D / "results" / "semla" / "weights.json").read_text())["floods"]
+    assert len(weights) == 3
+    for entry in weights.values():
+        assert set(entry["adapters"]) <= set(domains) and abs(sum(entry["weights"]) - 1) < 1e-9
+    from domain_orchestrator.prototypes import read_statistics_metadata
+
+    made = read_statistics_metadata(D / "loradb" / "floods", "floods")
+    assert made["embedder"]["kind"] and made["num_images"] == 6
+    assert (D / "loradb" / "floods" / "adapter_config.json").is_file()
+    predictions = json.loads((D / "predictions" / "predictions.json").read_text())
+    assert predictions[0]["method"] == "semla" and set(predictions[0]["classes"]) <= {"water", "road", "sky"}
+    assert "floods_0000.jpg: " in done.stdout and "weights: " in done.stdout

@@ -227,7 +227,10 @@ def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> N
     # a library without an embedder: uniform, and demo.py says so and why
     assert demo.main([*args[:-2], "--output", str(tmp_path / "uniform")]) == 0
     captured = capsys.readouterr()
-    assert "warning: --lora_library_path without --embedding_model: every adapter at 1/N (uniform)" in captured.err
+    assert (
+        "warning: --lora_library_path without --embedding_model: every adapter at 1/N (uniform)"
+        in captured.err
+    )
     uniform = re.findall(r"(muses-[a-z]+-[a-z]+) ([0-9.]+)", captured.out.split("weights:")[1])
     assert sorted(n for n, _ in uniform) == names
     assert all(float(w) == pytest.approx(1 / len(names), abs=1e-4) for _, w in uniform)
