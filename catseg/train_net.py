@@ -142,8 +142,8 @@ def _default_root(cfg: CfgNode) -> Path:
         names = [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST]
         try:
             own = bool(names) and all(domain_spec(get_dataset(n).domain) is not None for n in names)
-        except KeyError:
-            own = False
+        except KeyError:  # an unknown dataset: that is the error to report first (prepare_run names it)
+            own = True
         if not own:
             raise
         return Path.cwd()

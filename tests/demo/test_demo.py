@@ -199,6 +199,13 @@ def test_demo_py_with_custom_classes_and_a_library(quick, tmp_path, capsys) -> N
     _not_blank(tmp_path / "zs" / f"{image.stem}_overlay.png")
     assert not (tmp_path / "zs" / f"{image.stem}_weights.png").exists()
     capsys.readouterr()
+    from cat_seg.data.synthetic import write_own_domain
+
+    spec = write_own_domain(tmp_path / "own", num_train=1, num_val=1)  # a domain of your own: its classes
+    assert demo.main([*common, "--domain_spec", str(spec), "--output", str(tmp_path / "own_out")]) == 0
+    summary = json.loads((tmp_path / "own_out" / "predictions.json").read_text())
+    assert set(summary[0]["classes"]) <= {"water", "road", "sky"}
+    capsys.readouterr()
 
     library, clip = output / "loradb", output / "clip"
     args = [

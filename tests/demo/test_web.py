@@ -165,6 +165,15 @@ def test_semla_request_uses_the_library_weights(web_demo, tiny_demo: TinyDemo) -
     assert web_demo.segmenter.class_names == ["road", "sky"]
 
 
+def test_a_domain_spec_gives_the_initial_class_names(tiny_demo: TinyDemo, tmp_path: Path) -> None:
+    from cat_seg.data.synthetic import write_own_domain
+    from semla_demo import web
+
+    spec = write_own_domain(tmp_path / "own", num_train=1, num_val=1)
+    demo = web.build_demo(web.build_parser().parse_args([*tiny_demo.flags(), "--domain_spec", str(spec)]))
+    assert demo.segmenter.class_names == ["water", "road", "sky"]
+
+
 def test_bad_requests_are_messages(web_demo, tiny_demo: TinyDemo, tmp_path: Path) -> None:  # noqa: ANN001
     from semla_demo.web import InputError
 

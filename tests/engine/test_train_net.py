@@ -517,3 +517,30 @@ def test_a_corrupt_label_met_in_training_stops_with_one_message_and_keeps_the_wo
     assert "Traceback" not in err
     # Iteration 1 (0-based 0) finished; it is checkpointed, so --resume would continue at the bad batch.
     assert (out / "last_checkpoint").read_text() == "model_0000000.pth"
+
+
+def test_a_spec_dataset_resolves_through_datasets_specs_and_its_classes_are_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``DATASETS.SPECS [FILE]`` makes ``floods_sem_seg_train`` a known dataset (no dataset root needed); a
+    class JSON other than the spec's is refused naming the file to set."""
+    from cat_seg.data.synthetic import write_own_domain
+
+    monkeypatch.delenv("DETECTRON2_DATASETS", raising=False)
+    spec = write_own_domain(tmp_path / "own", num_train=2, num_val=1)
+    tn = train_net()
+    argv = [
+        "--config-file", str(TINY_CONFIG), "--device", "cpu",
+        "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "",
+        "DATASETS.TRAIN", "('floods_sem_seg_train',)", "DATASETS.TEST", "('floods_sem_seg_val',)",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown dataset .floods_sem_seg_val..*DATASETS.SPECS"):
+        tn.plan_from_args(tn.build_parser().parse_args(argv))
+    argv += ["DATASETS.SPECS", f"['{spec}']"]
+    with pytest.raises(ValueError, match=r"3 classes of .*classes.json.*TEST_CLASS_JSON .*classes.json"):
+        tn.plan_from_args(tn.build_parser().parse_args(argv))
+    classes = str(spec.parent / "floods" / "classes.json")
+    argv += ["MODEL.SEM_SEG_HEAD.TRAIN_CLASS_JSON", classes, "MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON", classes]
+    plan = tn.plan_from_args(tn.build_parser().parse_args(argv))
+    assert len(plan.train_records) == 2 and list(plan.test_records) == ["floods_sem_seg_val"]
+    assert plan.cfg.DATASETS.SPECS == [str(spec)]
