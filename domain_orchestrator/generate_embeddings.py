@@ -165,7 +165,6 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     from cat_seg.engine.lora import validate_adapter_name
     from cat_seg.engine.setup import git_sha, resolve_device
     from domain_orchestrator.domains import get_domain, read_domain_list, register_spec_folder
-    from domain_orchestrator.orchestrator import ExperimentError
     from domain_orchestrator.prototypes import (
         StatisticsError,
         read_statistics_metadata,
@@ -173,6 +172,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         statistics_path,
         write_statistics,
     )
+    from domain_orchestrator.settings import ExperimentError, embedding_model_problem
 
     problems: list[str] = []
     if args.domain_specs is not None:
@@ -236,11 +236,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
             problems.append(
                 f"--model_weights {args.model_weights}: CAT-Seg checkpoint not found (looked at {weights})"
             )
-    elif (
-        not args.embedding_model.startswith("open_clip:")
-        and not Path(args.embedding_model).expanduser().exists()
-    ):
-        problems.append(f"--embedding_model {args.embedding_model}: no such folder")
+    elif (problem := embedding_model_problem(args.embedding_model)) is not None:
+        problems.append(problem)
     missing_identity = []  # kept files that record no embedder, beside files written with one
     for name in kept:
         try:
@@ -265,7 +262,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         from cat_seg.checkpoint import load_checkpoint
         from cat_seg.config import load_config
         from cat_seg.modeling import build_model
-        from domain_orchestrator.orchestrator import target_config
+        from domain_orchestrator.plan import target_config
 
         if args.images is not None:
             cfg = load_config(

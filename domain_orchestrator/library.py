@@ -17,7 +17,6 @@ Adapters are read from safetensors only.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,15 +28,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cat_seg.lora import AdapterError, read_training_record
+from cat_seg.lora import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    AdapterError,
+    read_adapter,
+    read_training_record,
+)
 
 from .prototypes import StatisticsError, read_statistics
 from .retrieval import scores
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = ADAPTER_CONFIG_NAME
+ADAPTER_WEIGHTS = ADAPTER_WEIGHTS_NAME
 _PREFIX = "base_model.model."
 
 
@@ -73,18 +78,17 @@ class LayerStack:
     B: Tensor
 
 
-def _read_config(folder: Path, name: str) -> dict:
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise AdapterLibraryError(f"adapter {name!r}: missing {path}")
+def _read_files(folder: Path, name: str) -> tuple[dict, dict[str, Tensor]]:
+    """The adapter's config and tensors (``cat_seg.lora.read_adapter``), with the options fusion supports."""
+    for file_name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / file_name).is_file():
+            only = " (adapters are read from safetensors only)" if file_name == ADAPTER_WEIGHTS else ""
+            raise AdapterLibraryError(f"adapter {name!r}: missing {folder / file_name}{only}")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterLibraryError(f"adapter {name!r}: {path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise AdapterLibraryError(f"adapter {name!r}: {path} must hold a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLibraryError(f"adapter {name!r}: peft_type {config.get('peft_type')!r} is not LORA")
+        config, tensors = read_adapter(folder)
+    except (AdapterError, OSError) as e:
+        raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
+    path = folder / ADAPTER_CONFIG
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -99,24 +103,7 @@ def _read_config(folder: Path, name: str) -> dict:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise AdapterLibraryError(f"adapter {name!r}: unsupported LoRA options in {path}: {', '.join(bad)}")
-    return config
-
-
-def _read_tensors(folder: Path, name: str) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = folder / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise AdapterLibraryError(
-            f"adapter {name!r}: missing {path} (adapters are read from safetensors only)"
-        )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise AdapterLibraryError(
-            f"adapter {name!r}: {path} is not a readable safetensors file ({e})"
-        ) from None
+    return config, tensors
 
 
 def _pair_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, tuple[Tensor, Tensor]]:
@@ -291,8 +278,8 @@ def _read_adapter(
     """Read and check one adapter folder: its info and ``{module: (A, B)}``."""
     if not folder.is_dir():
         raise AdapterLibraryError(f"adapter {name!r}: folder not found: {folder}")
-    config = _read_config(folder, name)
-    pairs = _pair_tensors(_read_tensors(folder, name), name)
+    config, tensors = _read_files(folder, name)
+    pairs = _pair_tensors(tensors, name)
     rank = int(config["r"])
     for module, (a, b) in pairs.items():
         _check_pair(name, module, a, b, rank, modules)

@@ -35,6 +35,7 @@ from cat_seg.fileio import atomic_write_text
 __all__ = [
     "METRICS_FILE",
     "RESULTS_FILE",
+    "RUN_CONFIG_FILE",
     "SUMMARY_FILE",
     "WEIGHTS_FILE",
     "WEIGHTS_REFERENCE_FILE",
@@ -50,6 +51,7 @@ METRICS_FILE = "metrics.json"
 WEIGHTS_FILE = "weights.json"
 WEIGHTS_REFERENCE_FILE = "weights_reference.json"
 SUMMARY_FILE = "summary.txt"
+RUN_CONFIG_FILE = "run_config.json"
 
 
 @dataclass(frozen=True)

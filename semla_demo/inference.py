@@ -161,7 +161,9 @@ class Segmenter:
         temperature: float | None = None,
     ) -> torch.Tensor | None:
         """(1, N) adapter weights of an image for ``method`` (None for zero-shot)."""
-        from domain_orchestrator.retrieval import scores, semla_weights, uniform_weights
+        from domain_orchestrator.retrieval import uniform_weights
+        from domain_orchestrator.settings import SemlaConfig
+        from domain_orchestrator.step import retrieve
 
         if method == "zeroshot":
             return None
@@ -176,8 +178,8 @@ class Segmenter:
                 "semla needs an embedding model (--embedding_model) and the library's statistics"
             )
         embedding = torch.from_numpy(self.embedder.embed_files([image_path], batch_size=1, progress=False))
-        s = scores(embedding.double(), self.prototypes.double(), self.measure)
-        return semla_weights(s, top_k or self.top_k, self.temperature if temperature is None else temperature)
+        semla = SemlaConfig(measure=self.measure, temperature=self.temperature, top_k=self.top_k)
+        return retrieve(embedding, self.prototypes, semla, top_k=top_k or None, temperature=temperature)
 
     # -- prediction -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,22 +192,15 @@ class Segmenter:
         temperature: float | None = None,
     ) -> Prediction:
         """Segment one image file at its own size with the current vocabulary."""
-        from domain_orchestrator.fusion import fused_adapters, fused_text_features
+        from domain_orchestrator.step import kept_adapters, segment
 
         x = self.mapper({"file_name": str(image_path)})
-        w = self.weights(image_path, method, top_k=top_k, temperature=temperature)
-        if w is None:
-            if self._text is None:
-                self._text = self.model.text_features()
-            probs = self.model([x], text_features=self._text)[0]["sem_seg"]
-            used: dict[str, float] = {}
-        else:
-            text = fused_text_features(self.model, self.library, w)
-            with fused_adapters(self.model, self.library, w):
-                probs = self.model([x], text_features=text)[0]["sem_seg"]
-            row = w[0]
-            order = torch.sort(-row, stable=True).indices
-            used = {self.library.names[int(i)]: float(row[i]) for i in order if row[i] > 0}
+        w = self.weights(image_path, method, top_k=top_k, temperature=temperature)  # retrieve
+        if w is None and self._text is None:
+            self._text = self.model.text_features()  # the zero-shot class features, kept
+        probs = segment(self.model, self.library, [x], w, text_features=self._text if w is None else None)[0]
+        probs = probs["sem_seg"]  # fused and predicted
+        used = dict(kept_adapters(w[0], self.library.names)) if w is not None else {}
         from cat_seg.data import read_image
 
         return Prediction(

@@ -218,7 +218,7 @@ def test_reference_text_policy_equals_the_original_peft_loop(world: World, tmp_p
 def test_resume_after_an_interruption_gives_the_uninterrupted_outputs(
     world: World, four: Path, tmp_path: Path, monkeypatch
 ) -> None:  # noqa: ANN001
-    import domain_orchestrator.orchestrator as orchestrator
+    import domain_orchestrator.loop as orchestrator
 
     calls = {"n": 0}
     real = orchestrator.label_prediction

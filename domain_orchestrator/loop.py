@@ -1,0 +1,465 @@
+"""The experiment loop: build once, then for every target evaluate every experiment on each batch.
+
+:func:`run` (called in every process of a run with the plan of :func:`domain_orchestrator.plan.prepare`)
+builds the model(s), opens the adapter library, the embedder and the prototypes (:class:`Session`,
+reporting every problem together), then evaluates target after target and lets rank 0 write the
+outputs (:mod:`domain_orchestrator.reporting`). Per batch, every experiment predicts through
+:func:`domain_orchestrator.step.segment` with its weights: none (``zeroshot``), the target's own adapter
+(``oracle``), 1/N over the sources (``uniform``) or each image's retrieved weights (``semla``,
+:func:`domain_orchestrator.step.retrieve`). Under ``torch.distributed`` each process evaluates a
+contiguous shard of every target; confusion matrices are summed and weights gathered, so the outputs
+equal a one-process run. Inside a target, the resume state (:mod:`domain_orchestrator.resume`) is saved
+every ``save_every`` seconds and on interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cat_seg.config import CfgNode
+from cat_seg.data import InferenceSampler, get_dataset, mapper_from_cfg
+from cat_seg.data.build import MappedDataset, trivial_batch_collator
+from cat_seg.engine.evaluate import label_prediction
+from cat_seg.engine.launch import DistInfo, all_gather_objects, barrier
+from cat_seg.engine.setup import collect_run_info, resolve_device
+from cat_seg.evaluation import SemSegEvaluator
+from cat_seg.progress import progress
+
+from .fusion import fused_text_features
+from .library import AdapterLibrary, AdapterLibraryError
+from .plan import ExperimentPlan, TargetPlan, class_names
+from .prototypes import load_prototypes
+from .reporting import RUN_CONFIG_FILE, ImageWeights, ResultsBook, format_summary
+from .resume import RESUME_DIR, ResumeState, load_resume_state, resume_file, save_resume_state
+from .retrieval import uniform_weights
+from .settings import ExperimentError
+from .step import kept_adapters, retrieve, segment
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Session", "run"]
+
+
+class Session:
+    """The models, library, embedder and prototypes of one process, built and validated once."""
+
+    def __init__(self, plan: ExperimentPlan, device: torch.device, info: DistInfo) -> None:
+        from cat_seg.checkpoint import load_checkpoint
+        from cat_seg.modeling import build_model
+
+        self.plan = plan
+        self.device = device
+        self.info = info
+        problems: list[str] = []
+        self.models: dict[str, Any] = {}
+        self.libraries: dict[str, AdapterLibrary | None] = {}
+        for target in plan.targets:
+            if target.arch in self.models:
+                continue
+            model = build_model(target.cfg, device, class_names=False)
+            try:
+                load_checkpoint(model, plan.model_weights)
+            except (ValueError, OSError) as e:
+                problems.append(f"checkpoint {plan.model_weights}: {e}")
+            model.eval()
+            self.models[target.arch] = model
+            library = None
+            if plan.library_names:
+                try:
+                    library = AdapterLibrary.open(
+                        plan.library_path, plan.library_names, model=model, statistics=False, device=device
+                    )
+                except AdapterLibraryError as e:
+                    problems.append(str(e))
+            self.libraries[target.arch] = library
+        opened = next((lib for lib in self.libraries.values() if lib is not None), None)
+        reference = [i.name for i in opened.infos if i.reference_training] if opened is not None else []
+        if reference and info.is_main:
+            logger.warning(
+                "adapters trained in the original trainer's mode (MODEL.LORA.REFERENCE_TRAINING: inert CLIP "
+                "q/k/v LoRA, first guidance block twice during training; see their semla_training.json): %s",
+                ", ".join(reference),
+            )
+        self.embedder = None
+        self.prototypes: torch.Tensor | None = None
+        if "semla" in plan.experiments:
+            first_model = next(iter(self.models.values()))
+            self.embedder, self.prototypes = self._retrieval_setup(first_model, problems)
+        if problems:
+            raise ExperimentError(problems)
+
+    def _retrieval_setup(self, model: Any, problems: list[str]) -> tuple[Any, torch.Tensor | None]:
+        from .embedding import EmbeddingError, load_embedder
+
+        spec = self.plan.settings.embedding_model
+        try:
+            embedder = load_embedder(spec, device=self.device, catseg_model=model)
+        except (EmbeddingError, OSError, ValueError) as e:
+            problems.append(f"--embedding_model {spec}: {e}")
+            embedder = None
+        prototypes = load_prototypes(
+            self.plan.library_path,
+            self.plan.sources,
+            embedder.identity if embedder is not None else None,
+            spec=f"--embedding_model {spec}",
+        )
+        problems.extend(prototypes.problems)
+        if prototypes.unverified and self.info.is_main:
+            logger.warning(
+                "the statistics of %s record no embedder (made by the original code or released with it); "
+                "they are assumed to come from %s",
+                ", ".join(prototypes.unverified),
+                spec,
+            )
+        vectors = torch.from_numpy(prototypes.vectors) if prototypes.vectors is not None else None
+        return embedder, vectors
+
+    # -- one target ----------------------------------------------------------------------------------
+    def run_target(
+        self, target: TargetPlan
+    ) -> tuple[dict[str, dict[str, Any]], list[ImageWeights], dict[str, float]]:
+        """Evaluate every experiment on one target; returns metrics, semla per-image weights, uniform weights."""
+        plan, info = self.plan, self.info
+        settings = plan.settings
+        model = self.models[target.arch]
+        library = self.libraries[target.arch]
+        spec = get_dataset(target.dataset)
+        model.set_class_names(test=class_names(target.cfg))
+        model.sliding_window = bool(target.cfg.TEST.SLIDING_WINDOW)
+        mapper = mapper_from_cfg(target.cfg, is_train=False, num_classes=spec.num_classes)
+        begin, end = _shard(len(target.records), settings.batch_size, info)
+        shard = target.records[begin:end]
+        state = self._load_state(target, len(shard))
+        evaluators = {}
+        for experiment in plan.experiments:
+            evaluator = SemSegEvaluator(
+                spec.num_classes,
+                spec.ignore_label,
+                class_names=spec.class_names(),
+                convention=spec.metric_convention,
+            )
+            if experiment in state.confusion:
+                evaluator.add_confusion(state.confusion[experiment].numpy(), state.num_images[experiment])
+            evaluators[experiment] = evaluator
+
+        # Weights (B, N) over the library columns; uniform and semla use the sources only.
+        num_adapters = len(library) if library is not None else 0
+        source_columns = library.index(plan.sources) if library is not None and plan.sources else []
+        exclude = (
+            [plan.sources.index(target.name)]
+            if settings.remove_target_adapter and target.name in plan.sources
+            else None
+        )
+
+        def to_library(local: torch.Tensor) -> torch.Tensor:
+            full = torch.zeros(local.shape[0], num_adapters, dtype=torch.float64)
+            full[:, source_columns] = local
+            return full
+
+        weights: dict[str, torch.Tensor] = {}
+        uniform_record: dict[str, float] = {}
+        if "oracle" in plan.experiments:
+            weights["oracle"] = torch.zeros(1, num_adapters, dtype=torch.float64)
+            weights["oracle"][0, library.index(target.name)[0]] = 1.0
+        if "uniform" in plan.experiments:
+            weights["uniform"] = to_library(uniform_weights(len(plan.sources), exclude=exclude))
+            uniform_record = {
+                name: float(w)
+                for name, w in zip(plan.sources, weights["uniform"][0, source_columns])
+                if w != 0
+            }
+        semla_rows = first_row = None
+        if "semla" in plan.experiments:
+            if state.embeddings is None:
+                files = [r["file_name"] for r in shard]
+                state.embeddings = torch.from_numpy(self._embed(files, f"{target.name} embeddings"))
+                self._save_state(target, state, len(shard))
+            semla_rows = to_library(self._semla_weights(state.embeddings, exclude))
+            if settings.text_features == "reference":
+                first = state.embeddings[:1] if begin == 0 and len(shard) else None
+                if first is None:  # the target's first image is in another process's shard
+                    first = torch.from_numpy(self._embed([target.records[0]["file_name"]], "first image"))
+                first_row = to_library(self._semla_weights(first, exclude))
+
+        # Class-text features shared by all images of the target (computed on first use).
+        shared_text: dict[str, torch.Tensor] = {}
+
+        def text_for(experiment: str, rows: torch.Tensor | None) -> torch.Tensor:
+            if experiment == "semla" and settings.text_features == "per_image":
+                return fused_text_features(model, library, rows)  # (B, T, P, C)
+            if experiment not in shared_text:
+                if experiment == "zeroshot":
+                    shared_text[experiment] = model.text_features()
+                else:
+                    base = first_row if experiment == "semla" else weights[experiment]
+                    shared_text[experiment] = fused_text_features(model, library, base)[0]
+            return shared_text[experiment]
+
+        loader = torch.utils.data.DataLoader(
+            MappedDataset(shard[state.position :], mapper),
+            batch_size=settings.batch_size,
+            shuffle=False,
+            num_workers=self._num_workers(target.cfg),
+            collate_fn=trivial_batch_collator,
+        )
+        resize_to_label = spec.resize_to is not None
+        last_save = time.monotonic()
+        start, done_here = time.monotonic(), 0
+        committing = False
+        try:
+            batches = progress(
+                loader,
+                total=len(shard),
+                initial=state.position,
+                desc=f"{target.name}" + (f" [rank {info.rank}]" if info.world_size > 1 else ""),
+                unit="img",
+                enabled=settings.progress and info.is_main,
+                log=logger,
+                weight=len,
+            )
+            with torch.no_grad():
+                for batch in batches:
+                    rows_of_batch = None
+                    if semla_rows is not None:
+                        rows_of_batch = semla_rows[state.position : state.position + len(batch)]
+                    predictions: dict[str, list] = {}
+                    for experiment in plan.experiments:
+                        rows = rows_of_batch if experiment == "semla" else weights.get(experiment)
+                        outputs = segment(
+                            model, library, batch, rows, text_features=text_for(experiment, rows)
+                        )
+                        predictions[experiment] = [
+                            label_prediction(o["sem_seg"], x["sem_seg"], resize_to_label=resize_to_label)
+                            for o, x in zip(outputs, batch)
+                        ]
+                    committing = True
+                    for experiment, preds in predictions.items():
+                        for pred, x in zip(preds, batch):
+                            evaluators[experiment].process(pred, x["sem_seg"], name=str(x.get("file_name")))
+                    state.position += len(batch)
+                    committing = False
+                    done_here += len(batch)
+                    if time.monotonic() - last_save >= settings.save_every:
+                        state.record(evaluators)
+                        self._save_state(target, state, len(shard))
+                        last_save = time.monotonic()
+        except BaseException:
+            if not committing and done_here:
+                state.record(evaluators)
+                self._save_state(target, state, len(shard))
+                logger.warning(
+                    "%s: interrupted after %d of %d images of this process; progress saved, --resume continues",
+                    target.name,
+                    state.position,
+                    len(shard),
+                )
+            raise
+        seconds = time.monotonic() - start
+        if done_here:
+            logger.info(
+                "%s: %d images in %.1f s (%.3f s/image, %d experiment(s) each)",
+                target.name,
+                done_here,
+                seconds,
+                seconds / done_here,
+                len(plan.experiments),
+            )
+        metrics = {e: evaluators[e].evaluate()["sem_seg"] for e in plan.experiments}
+        image_weights: list[ImageWeights] = []
+        if semla_rows is not None:
+            local = [
+                _image_weights(record, row, library.names, plan.datasets_root)
+                for record, row in zip(shard, semla_rows)
+            ]
+            image_weights = [w for part in all_gather_objects(local) for w in part]
+        return metrics, image_weights, uniform_record
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _semla_weights(self, embeddings: torch.Tensor, exclude: list[int] | None) -> torch.Tensor:
+        return retrieve(embeddings, self.prototypes, self.plan.semla, exclude=exclude)  # (n, S)
+
+    def _embed(self, files: Sequence[str], desc: str) -> np.ndarray:
+        if not files:
+            return np.zeros((0, self.embedder.dim), dtype=np.float32)
+        settings = self.plan.settings
+        return self.embedder.embed_files(
+            files,
+            # One image per forward pass, as the original: a vector must not depend on which images share
+            # its batch (batched matmuls round differently), so that results do not depend on the number
+            # of processes or on --batch_size.
+            batch_size=1,
+            num_workers=settings.num_workers or 0,
+            progress=settings.progress and self.info.is_main,
+            desc=desc,
+        )
+
+    def _num_workers(self, cfg: CfgNode) -> int:
+        workers = self.plan.settings.num_workers
+        return int(cfg.DATALOADER.NUM_WORKERS) if workers is None else workers
+
+    def _resume_file(self, target: TargetPlan) -> Path:
+        return resume_file(self.plan.output_dir, target.name, self.info.rank)
+
+    def _run_identity(self, target: TargetPlan, shard: int) -> dict[str, Any]:
+        return {
+            "target": target.name,
+            "rank": self.info.rank,
+            "world_size": self.info.world_size,
+            "batch_size": self.plan.settings.batch_size,
+            "shard": shard,
+        }
+
+    def _save_state(self, target: TargetPlan, state: ResumeState, shard: int) -> None:
+        save_resume_state(self._resume_file(target), state, self._run_identity(target, shard))
+
+    def _load_state(self, target: TargetPlan, shard: int) -> ResumeState:
+        path = self._resume_file(target)
+        if not (self.plan.settings.resume and path.is_file()):
+            return ResumeState()
+        return load_resume_state(path, self._run_identity(target, shard))
+
+    def finish_target(self, target: TargetPlan) -> None:
+        self._resume_file(target).unlink(missing_ok=True)
+
+
+def _image_weights(
+    record: Mapping[str, Any], row: torch.Tensor, names: Sequence[str], root: Path
+) -> ImageWeights:
+    """The kept adapters of one image (weight > 0), best first (ties in library order)."""
+    kept = kept_adapters(row, names)
+    file_name = Path(record["file_name"])
+    try:
+        image = file_name.relative_to(root).as_posix()
+    except ValueError:
+        image = file_name.as_posix()
+    return ImageWeights(image, tuple(kept), tuple(kept.values()))
+
+
+def _shard(num_images: int, batch_size: int, info: DistInfo) -> tuple[int, int]:
+    """This process's contiguous share of a target's images, in whole batches.
+
+    The images are cut into batches first and the batches are shared out (detectron2's split: the first
+    ranks get one more), so every image is predicted in the same batch whatever the number of
+    processes, and the outputs equal a one-process run.
+    """
+    sampler = InferenceSampler(math.ceil(num_images / batch_size), rank=info.rank, world_size=info.world_size)
+    return min(sampler.begin * batch_size, num_images), min(sampler.end * batch_size, num_images)
+
+
+def _configure_threads(device: torch.device, world_size: int) -> None:
+    if device.type == "cpu" and world_size > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def run(plan: ExperimentPlan, info: DistInfo | None = None) -> ResultsBook | None:
+    """Run a prepared plan in this process (every process of a distributed run calls it).
+
+    Rank 0 writes ``run_config.json`` first, then the outputs after each target (see
+    :mod:`domain_orchestrator.reporting`), and prints the summary table at the end.
+
+    Returns:
+        the results on rank 0, None on the other ranks.
+    """
+    info = info or DistInfo()
+    settings = plan.settings
+    device = resolve_device(settings.device, local_rank=info.local_rank, num_processes=info.world_size)
+    _configure_threads(device, info.world_size)
+    output_dir = plan.output_dir
+    book = None
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if settings.overwrite and not settings.resume:
+            import shutil
+
+            shutil.rmtree(output_dir / RESUME_DIR, ignore_errors=True)
+        book = (
+            ResultsBook.load(
+                output_dir,
+                experiments=plan.experiments,
+                targets=[t.name for t in plan.targets],
+                sources=plan.sources,
+            )
+            if settings.resume
+            else ResultsBook(plan.experiments, [t.name for t in plan.targets], plan.sources)
+        )
+    barrier()
+    session = Session(plan, device, info)
+    if info.is_main:
+        _write_run_config(plan, session, device, info)
+        logger.info(
+            "experiments %s on %d target(s), %d source(s), %s, %d process(es)",
+            ", ".join(plan.experiments),
+            len(plan.targets),
+            len(plan.sources),
+            device,
+            info.world_size,
+        )
+    for target in plan.targets:
+        if target.name in plan.finished:
+            logger.info("%s: finished in an earlier run, skipped", target.name)
+            continue
+        metrics, image_weights, uniform = session.run_target(target)
+        if info.is_main:
+            book.add_target(
+                target.name,
+                metrics,
+                semla=image_weights if "semla" in plan.experiments else None,
+                uniform=uniform if "uniform" in plan.experiments else None,
+            )
+            book.write(output_dir)
+        barrier()  # outputs written before any process drops its progress file
+        session.finish_target(target)
+    if info.is_main:
+        print(format_summary(book), flush=True)
+        print(f"results written to {output_dir}", flush=True)
+    return book
+
+
+def _write_run_config(plan: ExperimentPlan, session: Session, device: torch.device, info: DistInfo) -> None:
+    from cat_seg.engine.io import atomic_write_json
+
+    library = next(iter(session.libraries.values()), None)
+    data = collect_run_info(argv=plan.settings.argv, device=device, world_size=info.world_size, seed=0)
+    data.pop("seed")
+    data.update(
+        {
+            "experiments": plan.experiments,
+            "sources": plan.sources,
+            "targets": [t.name for t in plan.targets],
+            "semla_config": plan.semla.as_dict(),
+            "text_features": plan.settings.text_features,
+            "remove_target_adapter": plan.settings.remove_target_adapter,
+            "model_weights": str(plan.model_weights),
+            "lora_library_path": str(plan.library_path),
+            "adapters": []
+            if library is None
+            else [
+                {
+                    "name": i.name,
+                    "r": i.rank,
+                    "lora_alpha": i.alpha,
+                    "scaling": i.scaling,
+                    "folder": str(i.folder),
+                    "reference_training": i.reference_training,
+                }
+                for i in library.infos
+            ],
+            "embedding_model": plan.settings.embedding_model,
+            "embedder": session.embedder.identity if session.embedder is not None else None,
+            "datasets_root": str(plan.datasets_root),
+            "config_overlays": [str(p) for p in plan.settings.config_overlays],
+            "opts": list(plan.settings.opts),
+            "batch_size": plan.settings.batch_size,
+            "fingerprint": plan.fingerprint,
+        }
+    )
+    atomic_write_json(plan.output_dir / RUN_CONFIG_FILE, data)

@@ -1,0 +1,354 @@
+"""A checked experiment run: :func:`prepare` turns :class:`~domain_orchestrator.settings.ExperimentSettings`
+into an :class:`ExperimentPlan` before any model is built.
+
+It reports every problem at once (experiments, domain lists, the SemLA config, the dataset root, each
+target's config, class list and validation records, the checkpoint, the adapters and statistics the
+experiments need, the embedder, the output folder and ``--resume``'s fingerprint). The plan is picklable:
+:func:`domain_orchestrator.loop.run` receives it in every process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cat_seg.config import CfgNode, ConfigError, find_input_path, load_config, resolve_catseg_path
+from cat_seg.data import DatasetError, load_records, mapper_from_cfg
+from cat_seg.data.domain_spec import DomainSpecError
+from cat_seg.data.registry import UnknownDatasetError, domain_spec
+from cat_seg.engine.evaluate import check_vocabulary
+
+from .domains import DomainError, get_domain, read_domain_list, register_spec_folder
+from .library import ADAPTER_CONFIG
+from .prototypes import statistics_path
+from .reporting import RUN_CONFIG_FILE, ResultsBook
+from .settings import (
+    EXPERIMENT_OPTS,
+    EXPERIMENTS,
+    TEXT_POLICIES,
+    ExperimentError,
+    ExperimentSettings,
+    SemlaConfig,
+    embedding_model_problem,
+    load_semla_config,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExperimentPlan", "TargetPlan", "architecture_key", "class_names", "prepare", "target_config"]
+
+
+@dataclass
+class TargetPlan:
+    """One target domain, checked: its resolved config and validation records."""
+
+    name: str
+    dataset: str
+    cfg: CfgNode
+    records: list[dict[str, Any]]
+    arch: str  # identifies the model architecture the config builds (targets sharing it share the model)
+
+
+@dataclass
+class ExperimentPlan:
+    """A checked run, ready for :func:`run` in every process (picklable)."""
+
+    settings: ExperimentSettings
+    sources: list[str]
+    targets: list[TargetPlan]
+    semla: SemlaConfig
+    model_weights: Path
+    library_path: Path
+    library_names: list[str]
+    datasets_root: Path
+    fingerprint: dict[str, Any]
+    finished: list[str] = field(default_factory=list)
+
+    @property
+    def experiments(self) -> list[str]:
+        return list(self.settings.experiments)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.settings.output_dir)
+
+
+def target_config(
+    domain: str,
+    *,
+    model_weights: str | os.PathLike,
+    overlays: Sequence[str | os.PathLike] = (),
+    opts: Sequence[str] = (),
+) -> CfgNode:
+    """A domain's config as the experiments use it.
+
+    The domain's config file, then the overlays, then the original's experiment settings (sliding-window
+    inference, no class-attention pooling, ``MODEL.WEIGHTS``), then ``opts``.
+    """
+    return load_config(
+        get_domain(domain).config_file,
+        [*EXPERIMENT_OPTS, "MODEL.WEIGHTS", str(model_weights), *opts],
+        overlays=overlays,
+    )
+
+
+def architecture_key(cfg: CfgNode) -> str:
+    """Identifies what :func:`cat_seg.modeling.build_model` builds from ``cfg``, class names aside."""
+    from cat_seg.modeling.build import model_kwargs_from_cfg
+
+    return repr(sorted(model_kwargs_from_cfg(cfg).items()))
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": str(path)}
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _fingerprint(
+    settings: ExperimentSettings, plan_parts: Mapping[str, Any], world_size: int
+) -> dict[str, Any]:
+    """What must not change between a run and its ``--resume`` (anything that changes the numbers)."""
+    overlays = []
+    for p in settings.config_overlays:
+        path = Path(p).absolute()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        overlays.append({"path": str(path), "sha256": digest})
+    return {
+        "experiments": list(settings.experiments),
+        "sources": plan_parts["sources"],
+        "targets": plan_parts["targets"],
+        "semla_config": plan_parts["semla"].as_dict(),
+        "remove_target_adapter": settings.remove_target_adapter,
+        "text_features": settings.text_features,
+        "model_weights": _file_fingerprint(plan_parts["model_weights"]),
+        "lora_library_path": str(plan_parts["library_path"]),
+        "embedding_model": settings.embedding_model,
+        "datasets_root": str(plan_parts["datasets_root"]),
+        "config_overlays": overlays,
+        "domain_specs": _spec_fingerprints([*plan_parts["sources"], *plan_parts["targets"]]),
+        "opts": list(settings.opts),
+        "batch_size": settings.batch_size,
+        "world_size": world_size,
+    }
+
+
+def _spec_fingerprints(domains: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The spec file and class list of each domain of your own among ``domains`` (they change the numbers)."""
+    out = {}
+    for name in dict.fromkeys(domains):
+        spec = domain_spec(name)
+        if spec is not None:
+            out[name] = {
+                "spec": str(spec.path),
+                "sha256": hashlib.sha256(spec.path.read_bytes()).hexdigest(),
+                "classes": list(spec.class_names),
+            }
+    return out
+
+
+def _output_files_present(output_dir: Path) -> list[Path]:
+    from .reporting import METRICS_FILE, RESULTS_FILE
+
+    candidates = [output_dir / RUN_CONFIG_FILE, output_dir / METRICS_FILE, output_dir / RESULTS_FILE]
+    candidates += [output_dir / e / RESULTS_FILE for e in EXPERIMENTS]
+    return [p for p in candidates if p.is_file()]
+
+
+def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentPlan:
+    """Check everything that does not need the model, and load every target's records.
+
+    Reports every problem at once: experiments and text policy, the domain lists, the SemLA config, the
+    dataset root and each target's validation data and class list, the checkpoint file, each needed
+    adapter folder and statistics file, the embedding model, and the output folder (an existing run
+    needs ``--resume`` or ``--overwrite``; ``--resume`` needs the same settings).
+
+    Args:
+        settings: the command line.
+        world_size: processes of the run (progress files are per process).
+    Returns:
+        the plan to give :func:`run` in every process.
+    Raises:
+        ExperimentError: listing the problems.
+    """
+    problems: list[str] = []
+    experiments = list(settings.experiments)
+    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    if not experiments or unknown:
+        problems.append(f"--experiment must be one or more of {', '.join(EXPERIMENTS)}; got {experiments}")
+    if len(set(experiments)) != len(experiments):
+        problems.append(f"--experiment repeats a name: {experiments}")
+    if settings.text_features not in TEXT_POLICIES:
+        problems.append(f"--text_features must be one of {TEXT_POLICIES}, got {settings.text_features!r}")
+    if settings.batch_size < 1:
+        problems.append(f"--batch_size must be >= 1, got {settings.batch_size}")
+    needs_sources = bool({"uniform", "semla"} & set(experiments))
+    if settings.domain_specs is not None:
+        try:
+            register_spec_folder(settings.domain_specs)
+        except (DomainSpecError, FileNotFoundError) as e:
+            problems.append(f"--domain_specs {settings.domain_specs}: {e}")
+    list_problems: dict[str, list[str]] = {}  # one message per problem, naming every flag it came from
+
+    def read_list(path: Path | None, what: str, flag: str, required: bool) -> list[str]:
+        if path is None:
+            if required:
+                problems.append(f"{flag} is required (a YAML list of {what})")
+            return []
+        try:
+            return read_domain_list(path, what="domains")
+        except (DomainError, FileNotFoundError) as e:
+            list_problems.setdefault(str(e), []).append(flag)
+            return []
+
+    sources = read_list(settings.source_domains, "source domains", "--source_domains", needs_sources)
+    targets = read_list(settings.target_domains, "target domains", "--target_domains", True)
+    for message, flags in list_problems.items():
+        problems.append(f"{' and '.join(flags)}: {message}")
+    semla = SemlaConfig()
+    if settings.semla_config is not None:
+        try:
+            semla = load_semla_config(settings.semla_config)
+        except ExperimentError as e:
+            problems.extend(e.problems)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+
+    root = settings.datasets_root
+    if root is None:
+        problems.append("no dataset root: pass --datasets_root DIR or set $DETECTRON2_DATASETS")
+    elif not Path(root).expanduser().is_dir():
+        problems.append(f"dataset root {root} does not exist (--datasets_root or $DETECTRON2_DATASETS)")
+        root = None
+    root = Path(root).expanduser().absolute() if root is not None else Path()
+
+    model_weights = find_input_path(settings.model_weights)
+    if not model_weights.is_file():
+        problems.append(
+            f"CAT-Seg checkpoint {settings.model_weights} not found (looked at {model_weights}); pass "
+            "--model_weights PATH (the original expects catseg/models/model_final.pth)"
+        )
+    for overlay in settings.config_overlays:
+        if not Path(overlay).is_file():
+            problems.append(f"--config_overlay {overlay}: file not found")
+
+    target_plans: list[TargetPlan] = []
+    for name in targets:
+        try:
+            cfg = target_config(
+                name, model_weights=model_weights, overlays=settings.config_overlays, opts=settings.opts
+            )
+            dataset = get_domain(name).val_dataset
+            check_vocabulary(
+                class_names(cfg),
+                dataset,
+                source=f"the config of {name} (MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON)",
+            )
+            mapper_from_cfg(cfg, is_train=False)
+            arch = architecture_key(cfg)
+        except (ConfigError, ValueError, FileNotFoundError, UnknownDatasetError) as e:
+            problems.append(f"target {name}: {e}")
+            continue
+        records: list[dict[str, Any]] = []
+        if settings.datasets_root is not None and root != Path():
+            try:
+                records = load_records(dataset, root)
+                if not records:
+                    problems.append(f"target {name}: {dataset} has no images under {root}")
+            except (DatasetError, FileNotFoundError) as e:
+                problems.append(f"target {name}: {dataset} is not usable under {root}: {e}")
+        target_plans.append(TargetPlan(name, dataset, cfg, records, arch))
+
+    library_path = find_input_path(settings.lora_library_path)
+    library_names = list(sources) if needs_sources else []
+    if "oracle" in experiments:
+        library_names += [t for t in targets if t not in library_names]
+    if library_names and not library_path.is_dir():
+        problems.append(
+            f"adapter library {settings.lora_library_path} not found (looked at {library_path}); pass "
+            "--lora_library_path DIR (the original expects catseg/loradb/)"
+        )
+    elif library_names:
+        for name in library_names:
+            if not (library_path / name / ADAPTER_CONFIG).is_file():
+                why = "the oracle of this target" if name not in sources else "a source domain"
+                problems.append(f"adapter {name!r} ({why}) not found: {library_path / name / ADAPTER_CONFIG}")
+    if "semla" in experiments:
+        for name in sources:
+            if (library_path / name).is_dir() and not statistics_path(library_path / name, name).is_file():
+                problems.append(
+                    f"statistics of source {name!r} not found: {statistics_path(library_path / name, name)}; "
+                    "compute them with domain_orchestrator/generate_embeddings.py"
+                )
+        if not settings.embedding_model:
+            problems.append(
+                "--embedding_model is required for semla: 'catseg', a local Hugging Face CLIPModel folder "
+                "(the original uses openai/clip-vit-large-patch14), or open_clip:<model>:<checkpoint>"
+            )
+        elif (problem := embedding_model_problem(settings.embedding_model)) is not None:
+            problems.append(problem)
+
+    parts = {
+        "sources": sources,
+        "targets": targets,
+        "semla": semla,
+        "model_weights": model_weights,
+        "library_path": library_path,
+        "datasets_root": root,
+    }
+    fingerprint = _fingerprint(settings, parts, world_size)
+    output_dir = Path(settings.output_dir)
+    finished: list[str] = []
+    present = _output_files_present(output_dir)
+    if settings.resume and (output_dir / RUN_CONFIG_FILE).is_file():
+        import json
+
+        previous = json.loads((output_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get(
+            "fingerprint", {}
+        )
+        changed = sorted(k for k in fingerprint if previous.get(k) != fingerprint[k])
+        if changed:
+            problems.append(
+                f"--resume: {output_dir} holds a run with other settings ({', '.join(changed)} differ); "
+                "resume with the same command, or use another --output_dir (--overwrite starts over)"
+            )
+        else:
+            try:
+                finished = ResultsBook.load(
+                    output_dir, experiments=experiments, targets=targets, sources=sources
+                ).finished()
+            except (ValueError, KeyError, OSError) as e:
+                problems.append(f"--resume: the outputs in {output_dir} cannot be read back ({e})")
+    elif present and not settings.resume and not settings.overwrite:
+        problems.append(
+            f"{output_dir} already holds results ({present[0].name}); pass --resume to continue that run, "
+            "--overwrite to start over, or choose another --output_dir"
+        )
+    if problems:
+        raise ExperimentError(problems)
+    return ExperimentPlan(
+        settings=settings,
+        sources=sources,
+        targets=target_plans,
+        semla=semla,
+        model_weights=model_weights,
+        library_path=library_path,
+        library_names=library_names,
+        datasets_root=root,
+        fingerprint=fingerprint,
+        finished=finished,
+    )
+
+
+def class_names(cfg: CfgNode) -> list[str]:
+    """The test vocabulary of a config (``MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON``)."""
+    from cat_seg.modeling.text import load_class_names
+
+    return load_class_names(resolve_catseg_path(cfg.MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON))

@@ -1,0 +1,204 @@
+"""What an experiment run is asked to do: the experiment names, ``semla_config.yaml`` and the command line.
+
+:class:`SemlaConfig` (read by :func:`load_semla_config`) holds SemLA's retrieval settings;
+:class:`ExperimentSettings` the command line of ``experiments.py`` as given. Nothing here reads data or
+builds a model; :mod:`domain_orchestrator.plan` checks the settings against the files.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "EXPERIMENTS",
+    "EXPERIMENT_OPTS",
+    "TEXT_POLICIES",
+    "ExperimentError",
+    "ExperimentSettings",
+    "SemlaConfig",
+    "embedding_model_problem",
+    "load_semla_config",
+]
+
+#: The experiments of SemLA's main table, in the order of ``experiments.py --experiment``.
+EXPERIMENTS = ("zeroshot", "oracle", "uniform", "semla")
+TEXT_POLICIES = ("per_image", "reference")
+#: What the original code always adds to a domain's config for experiments (``custom_domain_args``).
+EXPERIMENT_OPTS = ("TEST.SLIDING_WINDOW", "True", "MODEL.SEM_SEG_HEAD.POOLING_SIZES", "[1,1]")
+
+
+class ExperimentError(ValueError):
+    """A run that cannot start or continue; the message lists every problem found and what to do."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# semla_config.yaml
+# --------------------------------------------------------------------------------------------------
+
+# The original's shipped file and README call the measure ``distance_measure_name``; its code reads
+# ``similarity_measure_name`` (and silently ignores the other). Both spellings are accepted here.
+_MEASURE_KEYS = ("distance_measure_name", "similarity_measure_name")
+_SEMLA_KEYS = (*_MEASURE_KEYS, "temperature", "top_k", "combination_type")
+
+
+@dataclass(frozen=True)
+class SemlaConfig:
+    """SemLA's retrieval settings (the original's defaults).
+
+    Attributes:
+        measure: ``euclidean`` (score 1 / distance, the original's effective choice) or ``cosine``
+            (cosine similarity; the original's cosine option used the distance and picked the farthest
+            domains).
+        temperature: softmax temperature, > 0.
+        top_k: adapters kept per image, >= 1 (all candidates when fewer).
+        combination_type: ``cat`` only (PEFT ``add_weighted_adapter``'s exact weighted sum of deltas).
+    """
+
+    measure: str = "euclidean"
+    temperature: float = 0.05
+    top_k: int = 5
+    combination_type: str = "cat"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "distance_measure_name": self.measure,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "combination_type": self.combination_type,
+        }
+
+
+def load_semla_config(path: str | os.PathLike | None) -> SemlaConfig:
+    """Read and check ``semla_config.yaml``; None gives the defaults.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ExperimentError: every problem: unknown keys (with a "did you mean"), wrong types or values,
+            both measure keys with different values, a combination type other than ``cat``.
+    """
+    if path is None:
+        return SemlaConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SemLA config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ExperimentError([f"{path}: not valid YAML ({e})"]) from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ExperimentError([f"{path}: expected a mapping of keys ({', '.join(_SEMLA_KEYS)})"])
+    problems = []
+    for key in data:
+        if key not in _SEMLA_KEYS:
+            close = difflib.get_close_matches(str(key), _SEMLA_KEYS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"{path}: unknown key {key!r}; {hint}known keys: {', '.join(_SEMLA_KEYS)}")
+    measures = {data[k] for k in _MEASURE_KEYS if k in data}
+    defaults = SemlaConfig()
+    measure = defaults.measure
+    if len(measures) > 1:
+        problems.append(
+            f"{path}: {_MEASURE_KEYS[0]} and {_MEASURE_KEYS[1]} disagree ({sorted(map(str, measures))})"
+        )
+    elif measures:
+        measure = measures.pop()
+        if measure not in ("euclidean", "cosine"):
+            problems.append(f"{path}: distance_measure_name must be 'euclidean' or 'cosine', got {measure!r}")
+    temperature = data.get("temperature", defaults.temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        problems.append(f"{path}: temperature must be a number > 0, got {temperature!r}")
+    elif not math.isfinite(temperature):
+        problems.append(f"{path}: temperature must be finite, got {temperature!r}")
+    top_k = data.get("top_k", defaults.top_k)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        problems.append(f"{path}: top_k must be an integer >= 1, got {top_k!r}")
+    combination = data.get("combination_type", defaults.combination_type)
+    if combination != "cat":
+        problems.append(
+            f"{path}: combination_type {combination!r} is not supported; only 'cat' (PEFT add_weighted_adapter's "
+            "exact weighted sum of the adapters' deltas, the original's setting) is implemented"
+        )
+    if problems:
+        raise ExperimentError(problems)
+    return SemlaConfig(
+        measure=measure, temperature=float(temperature), top_k=int(top_k), combination_type="cat"
+    )
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """What the command line asks for (paths as given).
+
+    Attributes:
+        experiments: subset of :data:`EXPERIMENTS`, in the order to report them.
+        source_domains, target_domains: YAML lists of domains (names, or domain spec files).
+        domain_specs: a folder of domain specs (``*.yaml``) to register before reading the lists.
+        semla_config: YAML of :class:`SemlaConfig` keys, or None for the defaults.
+        output_dir: where the outputs go.
+        remove_target_adapter: leave the target's own adapter out of ``uniform`` and ``semla``.
+        model_weights: CAT-Seg checkpoint (relative paths: to the current directory, else ``catseg/``).
+        lora_library_path: the adapter library (same path rule).
+        embedding_model: ``catseg``, a Hugging Face CLIPModel folder, or an open_clip model (semla only).
+        datasets_root: the dataset root.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per forward pass.
+        num_workers: data-loader workers (None: the configs' ``DATALOADER.NUM_WORKERS``).
+        text_features: ``per_image`` or ``reference`` (see the module docstring).
+        config_overlays: YAML files merged over every domain's config (e.g. another model).
+        opts: ``KEY VALUE`` overrides applied to every domain's config, last.
+        resume: continue the run in ``output_dir``.
+        overwrite: start over in an ``output_dir`` that holds a run.
+        save_every: seconds between progress saves inside a target (0: after every batch).
+        progress: show progress.
+        argv: the command line, recorded in ``run_config.json``.
+    """
+
+    experiments: tuple[str, ...]
+    source_domains: Path | None
+    target_domains: Path | None
+    output_dir: Path
+    domain_specs: Path | None = None
+    model_weights: str = "models/model_final.pth"
+    lora_library_path: str = "loradb"
+    semla_config: Path | None = None
+    remove_target_adapter: bool = False
+    embedding_model: str | None = None
+    datasets_root: Path | None = None
+    device: str = "auto"
+    batch_size: int = 1
+    num_workers: int | None = None
+    text_features: str = "per_image"
+    config_overlays: tuple[Path, ...] = ()
+    opts: tuple[str, ...] = ()
+    resume: bool = False
+    overwrite: bool = False
+    save_every: float = 180.0
+    progress: bool = True
+    argv: tuple[str, ...] = ()
+
+
+def embedding_model_problem(spec: str) -> str | None:
+    """Why ``--embedding_model spec`` cannot be loaded, as far as it shows without loading it, or None.
+
+    ``catseg`` and ``open_clip:<model>:<checkpoint>`` are checked when loaded; anything else names a folder.
+    """
+    if spec == "catseg" or spec.startswith("open_clip:") or Path(spec).expanduser().exists():
+        return None
+    return f"--embedding_model {spec}: no such folder"
