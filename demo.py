@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument(
         "--domain_spec",
         metavar="FILE",
-        help='the class names of a domain of your own, from its spec (README "Adding your own domain")',
+        help='the class names of a domain of your own, from its spec (docs/own_domain.md)',
     )
     parser.add_argument("--output", type=Path, required=True, help="folder for the pictures and label maps")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

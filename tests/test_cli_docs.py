@@ -1,7 +1,7 @@
-"""The command lines and the README agree: every flag of each tool is in its README flag table, and back.
+"""The command lines and the documentation agree: every flag of each tool is in its flag table, and back.
 
-Each tool's table follows a marker line in the README, ``<!-- flags: <tool> -->``, and ends at the first
-blank line. Every long option of the tool's parser must appear in backticks in the first column of a row
+Each tool's table follows a marker line, ``<!-- flags: <tool> -->``, in README.md or one of ``docs/*.md``
+(exactly one such line per tool over all of them), and ends at the first blank line. Every long option of the tool's parser must appear in backticks in the first column of a row
 (an alias may share its main flag's row); every ``--flag`` written anywhere in the table must be one the
 parser accepts (no stale rows). The help of every flag with a default states it.
 """
@@ -18,10 +18,12 @@ import pytest
 from helpers import REPO_ROOT
 
 README = REPO_ROOT / "README.md"
+# The documentation: the front page, then every docs/*.md by name.
+DOCS = [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
 FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 CODE = re.compile(r"`([^`]*)`")
 CELL = re.compile(r"(?<!\\)\|")
-# Spellings argparse accepts as unique prefixes of a flag (``allow_abbrev``) that the README mentions.
+# Spellings argparse accepts as unique prefixes of a flag (``allow_abbrev``) that the docs mention.
 ALIASES = {"train_net.py": {"--config"}}
 # Flags of other commands that a table mentions (torchrun's, in experiments.py's --num_processes row).
 FOREIGN = {"experiments.py": {"--nproc_per_node"}}
@@ -88,18 +90,28 @@ def long_options(parser: argparse.ArgumentParser) -> set[str]:
     }
 
 
-def flag_table(text: str, tool: str) -> list[str]:
-    """The lines after ``<!-- flags: <tool> -->`` up to the first blank line."""
+def flag_table(docs: dict[str, str], tool: str) -> list[str]:
+    """The lines after ``<!-- flags: <tool> -->`` up to the first blank line; ``docs``: ``{file: text}``."""
     marker = f"<!-- flags: {tool} -->"
-    lines = text.splitlines()
-    found = [i for i, line in enumerate(lines) if line.strip() == marker]
-    assert len(found) == 1, f"README must have exactly one {marker!r} line, found {len(found)}"
+    found = [
+        (where, i)
+        for where, text in docs.items()
+        for i, line in enumerate(text.splitlines())
+        if line.strip() == marker
+    ]
+    assert len(found) == 1, (
+        f"README.md and docs/*.md must have exactly one {marker!r} line, found {len(found)}: "
+        f"{[f'{where}:{i + 1}' for where, i in found]}"
+    )
+    where, start = found[0]
     table = []
-    for line in lines[found[0] + 1 :]:
+    for line in docs[where].splitlines()[start + 1 :]:
         if not line.strip():
             break
         table.append(line)
-    assert len(table) >= 3 and all(line.startswith("|") for line in table), f"no table after {marker}"
+    assert len(table) >= 3 and all(line.startswith("|") for line in table), (
+        f"{where}:{start + 1}: no table after {marker}"
+    )
     return table
 
 
@@ -114,28 +126,27 @@ def documented_flags(table: list[str]) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def readme() -> str:
-    return README.read_text(encoding="utf-8")
+def docs() -> dict[str, str]:
+    """``{file relative to the repository root: text}`` of README.md and docs/*.md."""
+    return {path.relative_to(REPO_ROOT).as_posix(): path.read_text(encoding="utf-8") for path in DOCS}
 
 
 @pytest.mark.parametrize("tool", list(PARSERS))
-def test_every_flag_is_in_the_readme_table_of_its_tool(tool: str, readme: str) -> None:
+def test_every_flag_is_in_the_docs_table_of_its_tool(tool: str, docs: dict[str, str]) -> None:
     parser_flags = long_options(PARSERS[tool]())
-    missing = sorted(parser_flags - documented_flags(flag_table(readme, tool)))
-    assert not missing, (
-        f"{tool}: flags without a row in the README table after <!-- flags: {tool} -->: {missing}"
-    )
+    missing = sorted(parser_flags - documented_flags(flag_table(docs, tool)))
+    assert not missing, f"{tool}: flags without a row in the table after <!-- flags: {tool} -->: {missing}"
 
 
 @pytest.mark.parametrize("tool", list(PARSERS))
-def test_every_flag_of_a_readme_table_exists(tool: str, readme: str) -> None:
+def test_every_flag_of_a_docs_table_exists(tool: str, docs: dict[str, str]) -> None:
     parser = PARSERS[tool]()
     known = long_options(parser)
     for alias in ALIASES.get(tool, ()):  # argparse takes a unique prefix of a flag
         assert parser.allow_abbrev and len([f for f in known if f.startswith(alias)]) == 1, alias
-    named = set(FLAG.findall("\n".join(flag_table(readme, tool))))
+    named = set(FLAG.findall("\n".join(flag_table(docs, tool))))
     stale = sorted(named - known - ALIASES.get(tool, set()) - FOREIGN.get(tool, set()))
-    assert not stale, f"{tool}: the README's table names flags the parser does not have: {stale}"
+    assert not stale, f"{tool}: the table after <!-- flags: {tool} --> names flags the parser lacks: {stale}"
 
 
 @pytest.mark.parametrize("tool", list(PARSERS))
@@ -157,7 +168,7 @@ def test_the_wrappers_pass_only_train_net_flags() -> None:
         assert named and named <= known, f"{script}: not train_net.py flags: {sorted(named - known)}"
 
 
-def test_target_domains_all_lists_every_source_domain_in_order(readme: str) -> None:
+def test_target_domains_all_lists_every_source_domain_in_order(docs: dict[str, str]) -> None:
     from cat_seg.data.registry import DOMAINS
     from domain_orchestrator.domains import read_domain_list
 
@@ -165,4 +176,6 @@ def test_target_domains_all_lists_every_source_domain_in_order(readme: str) -> N
     everything = read_domain_list(configs / "target_domains_all.yaml")
     assert everything == read_domain_list(configs / "source_domains.yaml")
     assert len(everything) == 20 and set(everything) <= set(DOMAINS)
-    assert "--target_domains configs/target_domains_all.yaml" in readme
+    # the main-table command, on the front page and in docs/experiments.md, evaluates all 20 domains
+    for where in ("README.md", "docs/experiments.md"):
+        assert "--target_domains configs/target_domains_all.yaml" in docs[where], where

@@ -1,18 +1,24 @@
-"""Every Python block of the README runs as written.
+"""Every Python block of the README and of ``docs/*.md`` runs as written.
 
-Blocks run in order, each in a fresh namespace, from the repository root. A block that needs the released
-weights or real data carries a marker on the line before it::
+The files are read in a fixed order, README.md first, then ``docs/*.md`` by name (``docs/datasets.md``
+writes the synthetic dataset that ``docs/library.md`` embeds). Blocks run in that order, each in a fresh
+namespace, from the repository root. A block that needs the released weights or real data carries a marker
+on the line before it::
 
     <!-- readme-test {"replace": {"<text in the block>": "<text to run instead>", ...}} -->
 
 and runs with its paths replaced by tiny equivalents: ``{tiny_checkpoint}`` (a tiny CAT-Seg checkpoint),
 ``{tiny_hf_clip}`` (a tiny random Hugging Face CLIP folder) and ``{tmp}`` (a temporary folder).
+
+A shell block marked ``<!-- readme-test-sh {...} -->`` is run by its own test (the own-domain walk).
+Failures name the file and line of the block (``docs/library.md:42``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,13 @@ import torch
 from helpers import REPO_ROOT, build_tiny, write_tiny_hf_clip
 
 README = REPO_ROOT / "README.md"
+
+
+def documentation_files() -> list[Path]:
+    """README.md, then every ``docs/*.md`` by name: the order the blocks run in."""
+    return [README, *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+
 BLOCK = re.compile(r"(?:<!-- readme-test (?P<marker>\{.*?\}) -->\n)?```python\n(?P<code>.*?)```", re.S)
 
 
@@ -33,12 +46,34 @@ def python_blocks(text: str) -> list[tuple[int, str, dict]]:
     return blocks
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+def _where(path: Path) -> str:
+    return path.relative_to(REPO_ROOT).as_posix()
+
+
+# (where, line, code, marker) of every Python block, ``where`` the file relative to the repository root.
+BLOCKS = [
+    (_where(path), line, code, marker)
+    for path in documentation_files()
+    for line, code, marker in python_blocks(path.read_text(encoding="utf-8"))
+]
 
 
 def test_the_readme_has_its_examples() -> None:
+    # The front page holds no Python; the examples live with their topics in docs/.
     assert len(BLOCKS) >= 7
-    assert all(set(marker) <= {"replace"} for _, _, marker in BLOCKS)
+    per_file = Counter(where for where, _, _, _ in BLOCKS)
+    for where, at_least in {
+        "docs/model.md": 1,
+        "docs/configuration.md": 1,
+        "docs/datasets.md": 1,
+        "docs/library.md": 3,
+        "docs/evaluation.md": 1,
+    }.items():
+        assert per_file[where] >= at_least, f"{where}: {per_file[where]} Python blocks"
+    for where, line, _, marker in BLOCKS:
+        assert set(marker) <= {"replace"}, (
+            f"{where}:{line}: unknown marker keys {sorted(set(marker) - {'replace'})}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +93,15 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:  # noqa: ANN001
 @pytest.mark.slow
 def test_every_python_block_runs(stand_ins: dict[str, str], monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.chdir(REPO_ROOT)
-    for line, code, marker in BLOCKS:
+    for where, line, code, marker in BLOCKS:
         for old, new in marker.get("replace", {}).items():
-            assert old in code, f"README.md:{line}: marker text {old!r} is not in the block"
+            assert old in code, f"{where}:{line}: marker text {old!r} is not in the block"
             code = code.replace(old, new.format(**stand_ins))
         namespace: dict = {"__name__": "__readme__"}
         try:
-            exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102
+            exec(compile(code, f"{where}:{line}", "exec"), namespace)  # noqa: S102
         except Exception as e:  # noqa: BLE001 - name the block that failed
-            pytest.fail(f"the Python block at README.md:{line} failed: {type(e).__name__}: {e}")
+            pytest.fail(f"the Python block at {where}:{line} failed: {type(e).__name__}: {e}")
         if "outputs" in namespace and "fused_adapters" in namespace:  # the fusion example's result
             assert len(namespace["outputs"]) == 2
             assert namespace["outputs"][0]["sem_seg"].shape == (19, 40, 40)
@@ -86,18 +121,25 @@ def shell_blocks(text: str) -> list[tuple[int, str, dict]]:
 
 @pytest.mark.slow
 def test_adding_your_own_domain_runs_as_written(tmp_path) -> None:  # noqa: ANN001
-    """The README's own-domain walk: validate, run_lora.sh on the spec, statistics from a folder, the four
+    """The own-domain walk of ``docs/own_domain.md``: validate, run_lora.sh on the spec, statistics from a folder, the four
     experiments over the new domain and two built-in ones, demo.py; run as written (``uv run`` dropped, the
     test's interpreter first on PATH) and checked."""
     import os
     import subprocess
     import sys
 
-    blocks = [b for b in shell_blocks(README.read_text(encoding="utf-8")) if "--layout own" in b[1]]
-    assert len(blocks) == 1
-    line, code, marker = blocks[0]
+    blocks = [
+        (_where(path), *block)
+        for path in documentation_files()
+        for block in shell_blocks(path.read_text(encoding="utf-8"))
+        if "--layout own" in block[1]
+    ]
+    assert len(blocks) == 1, (
+        f"one marked shell block with --layout own, found {[f'{w}:{n}' for w, n, _, _ in blocks]}"
+    )
+    where, line, code, marker = blocks[0]
     for old, new in marker.get("replace", {}).items():
-        assert old in code, f"README.md:{line}: marker text {old!r} is not in the block"
+        assert old in code, f"{where}:{line}: marker text {old!r} is not in the block"
         code = code.replace(old, new.format(tmp=tmp_path))
     code = code.replace("uv run ", "")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -106,7 +148,7 @@ def test_adding_your_own_domain_runs_as_written(tmp_path) -> None:  # noqa: ANN0
     done = subprocess.run(
         ["bash", "-e", "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200
     )
-    assert done.returncode == 0, f"README.md:{line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, f"{where}:{line} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     D = tmp_path / "semla_own"
     domains = ["acdc-rain", "acdc-fog", "floods"]
     for experiment in ("zeroshot", "uniform", "semla", "oracle"):

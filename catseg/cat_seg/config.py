@@ -13,7 +13,7 @@ in the reference order (as in the original SemLA code).
   ``ast.literal_eval``, so ``MODEL.SEM_SEG_HEAD.POOLING_SIZES [1,1]`` is a list of ints);
 - unknown keys and wrong types raise :class:`ConfigError`, naming the full key and the file.
 
-Deliberate differences from the reference behaviour (also listed in the README):
+Deliberate differences from the reference behaviour (also listed in docs/differences.md):
 
 - ``MODEL.LORA.ENABLED`` defaults to False (the reference defaults to True, so a plain evaluation
   silently tries to load ``loradb/default``).

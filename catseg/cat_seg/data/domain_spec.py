@@ -5,7 +5,7 @@ A domain spec is a small YAML file::
     name: floods                    # the domain: datasets floods_sem_seg_train / floods_sem_seg_val
     classes: floods_classes.json    # JSON list of class names; entry i is label id i
     ignore_label: 255               # label id that is not evaluated nor trained on (default 255)
-    metric: detectron2              # or cityscapes (see README "Metric conventions"; default detectron2)
+    metric: detectron2              # or cityscapes (docs/evaluation.md; default detectron2)
     config: null                    # base config of its adapter (default: catseg/configs/own_domain.yaml)
     train:
       images: floods/train/images   # a folder (searched recursively) or a glob such as floods/train/*/*.jpg

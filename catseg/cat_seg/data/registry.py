@@ -267,7 +267,7 @@ class UnknownDatasetError(KeyError):
 
 _SPEC_HINT = (
     " (a domain of your own is known once its spec is registered: DATASETS.SPECS [FILE], the spec file as "
-    'the config, or --domain_spec FILE; see README "Adding your own domain")'
+    'the config, or --domain_spec FILE; see docs/own_domain.md)'
 )
 
 
