@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=180.0,
         metavar="SECONDS",
-        help="save progress inside a target this often (default: 180; 0: after every batch)",
+        help="save the resume state inside a target this often (default: 180; 0: after every batch)",
     )
     parser.add_argument(
         "--num_processes",

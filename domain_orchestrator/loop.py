@@ -19,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,25 @@ from .step import kept_adapters, retrieve, segment
 logger = logging.getLogger(__name__)
 
 __all__ = ["Session", "run"]
+
+
+@dataclass
+class _Job:
+    """One target being evaluated in this process."""
+
+    target: TargetPlan
+    model: Any
+    library: AdapterLibrary | None
+    spec: Any  # the target's DatasetSpec
+    begin: int  # the shard's first image in the target
+    shard: list[dict[str, Any]]
+    state: ResumeState
+    evaluators: dict[str, SemSegEvaluator]
+    fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # oracle / uniform: (1, N)
+    semla_rows: torch.Tensor | None = None  # (n, N) one row per image of the shard
+    first_row: torch.Tensor | None = None  # --text_features reference: the target's first image's row
+    uniform_record: dict[str, float] = field(default_factory=dict)
+    shared_text: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Session:
@@ -128,19 +148,29 @@ class Session:
         self, target: TargetPlan
     ) -> tuple[dict[str, dict[str, Any]], list[ImageWeights], dict[str, float]]:
         """Evaluate every experiment on one target; returns metrics, semla per-image weights, uniform weights."""
-        plan, info = self.plan, self.info
-        settings = plan.settings
+        job = self._open(target)  # the model's vocabulary, this process's shard, its resume state, evaluators
+        self._weigh(job)  # each experiment's adapter weights (semla: each image's retrieval)
+        self._evaluate(job)  # every batch through every experiment, resumable
+        metrics = {e: job.evaluators[e].evaluate()["sem_seg"] for e in self.plan.experiments}
+        image_weights: list[ImageWeights] = []
+        if job.semla_rows is not None:
+            local = [
+                _image_weights(record, row, job.library.names, self.plan.datasets_root)
+                for record, row in zip(job.shard, job.semla_rows)
+            ]
+            image_weights = [w for part in all_gather_objects(local) for w in part]
+        return metrics, image_weights, job.uniform_record
+
+    def _open(self, target: TargetPlan) -> _Job:
         model = self.models[target.arch]
-        library = self.libraries[target.arch]
         spec = get_dataset(target.dataset)
         model.set_class_names(test=class_names(target.cfg))
         model.sliding_window = bool(target.cfg.TEST.SLIDING_WINDOW)
-        mapper = mapper_from_cfg(target.cfg, is_train=False, num_classes=spec.num_classes)
-        begin, end = _shard(len(target.records), settings.batch_size, info)
+        begin, end = _shard(len(target.records), self.plan.settings.batch_size, self.info)
         shard = target.records[begin:end]
         state = self._load_state(target, len(shard))
         evaluators = {}
-        for experiment in plan.experiments:
+        for experiment in self.plan.experiments:
             evaluator = SemSegEvaluator(
                 spec.num_classes,
                 spec.ignore_label,
@@ -150,13 +180,16 @@ class Session:
             if experiment in state.confusion:
                 evaluator.add_confusion(state.confusion[experiment].numpy(), state.num_images[experiment])
             evaluators[experiment] = evaluator
+        return _Job(target, model, self.libraries[target.arch], spec, begin, shard, state, evaluators)
 
-        # Weights (B, N) over the library columns; uniform and semla use the sources only.
+    def _weigh(self, job: _Job) -> None:
+        """Weights (rows over the library's columns; uniform and semla use the sources only)."""
+        plan, library, target = self.plan, job.library, job.target
         num_adapters = len(library) if library is not None else 0
         source_columns = library.index(plan.sources) if library is not None and plan.sources else []
         exclude = (
             [plan.sources.index(target.name)]
-            if settings.remove_target_adapter and target.name in plan.sources
+            if plan.settings.remove_target_adapter and target.name in plan.sources
             else None
         )
 
@@ -165,60 +198,78 @@ class Session:
             full[:, source_columns] = local
             return full
 
-        weights: dict[str, torch.Tensor] = {}
-        uniform_record: dict[str, float] = {}
         if "oracle" in plan.experiments:
-            weights["oracle"] = torch.zeros(1, num_adapters, dtype=torch.float64)
-            weights["oracle"][0, library.index(target.name)[0]] = 1.0
+            job.fixed["oracle"] = torch.zeros(1, num_adapters, dtype=torch.float64)
+            job.fixed["oracle"][0, library.index(target.name)[0]] = 1.0
         if "uniform" in plan.experiments:
-            weights["uniform"] = to_library(uniform_weights(len(plan.sources), exclude=exclude))
-            uniform_record = {
+            job.fixed["uniform"] = to_library(uniform_weights(len(plan.sources), exclude=exclude))
+            job.uniform_record = {
                 name: float(w)
-                for name, w in zip(plan.sources, weights["uniform"][0, source_columns])
+                for name, w in zip(plan.sources, job.fixed["uniform"][0, source_columns])
                 if w != 0
             }
-        semla_rows = first_row = None
         if "semla" in plan.experiments:
+            state = job.state
             if state.embeddings is None:
-                files = [r["file_name"] for r in shard]
+                files = [r["file_name"] for r in job.shard]
                 state.embeddings = torch.from_numpy(self._embed(files, f"{target.name} embeddings"))
-                self._save_state(target, state, len(shard))
-            semla_rows = to_library(self._semla_weights(state.embeddings, exclude))
-            if settings.text_features == "reference":
-                first = state.embeddings[:1] if begin == 0 and len(shard) else None
+                self._save_state(target, state, len(job.shard))
+            job.semla_rows = to_library(self._semla_weights(state.embeddings, exclude))
+            if plan.settings.text_features == "reference":
+                first = state.embeddings[:1] if job.begin == 0 and len(job.shard) else None
                 if first is None:  # the target's first image is in another process's shard
                     first = torch.from_numpy(self._embed([target.records[0]["file_name"]], "first image"))
-                first_row = to_library(self._semla_weights(first, exclude))
+                job.first_row = to_library(self._semla_weights(first, exclude))
 
-        # Class-text features shared by all images of the target (computed on first use).
-        shared_text: dict[str, torch.Tensor] = {}
+    def _text_features(self, job: _Job, experiment: str, rows: torch.Tensor | None) -> torch.Tensor:
+        """Class-text features: per image under semla's per_image policy, else shared by the target."""
+        if experiment == "semla" and self.plan.settings.text_features == "per_image":
+            return fused_text_features(job.model, job.library, rows)  # (B, T, P, C)
+        if experiment not in job.shared_text:
+            if experiment == "zeroshot":
+                job.shared_text[experiment] = job.model.text_features()
+            else:
+                base = job.first_row if experiment == "semla" else job.fixed[experiment]
+                job.shared_text[experiment] = fused_text_features(job.model, job.library, base)[0]
+        return job.shared_text[experiment]
 
-        def text_for(experiment: str, rows: torch.Tensor | None) -> torch.Tensor:
-            if experiment == "semla" and settings.text_features == "per_image":
-                return fused_text_features(model, library, rows)  # (B, T, P, C)
-            if experiment not in shared_text:
-                if experiment == "zeroshot":
-                    shared_text[experiment] = model.text_features()
-                else:
-                    base = first_row if experiment == "semla" else weights[experiment]
-                    shared_text[experiment] = fused_text_features(model, library, base)[0]
-            return shared_text[experiment]
+    def _predict(self, job: _Job, batch: list[dict[str, Any]]) -> dict[str, list]:
+        """Every experiment's label maps of one batch (nothing recorded yet)."""
+        position = job.state.position
+        predictions: dict[str, list] = {}
+        for experiment in self.plan.experiments:
+            if experiment == "semla":
+                rows = job.semla_rows[position : position + len(batch)]
+            else:
+                rows = job.fixed.get(experiment)
+            text = self._text_features(job, experiment, rows)
+            outputs = segment(job.model, job.library, batch, rows, text_features=text)
+            predictions[experiment] = [
+                label_prediction(o["sem_seg"], x["sem_seg"], resize_to_label=job.spec.resize_to is not None)
+                for o, x in zip(outputs, batch)
+            ]
+        return predictions
 
+    def _evaluate(self, job: _Job) -> None:
+        """Predict and score the rest of the shard; save the resume state every ``save_every`` seconds and
+        when interrupted (not halfway through recording a batch)."""
+        plan, info, target, state = self.plan, self.info, job.target, job.state
+        settings = plan.settings
+        mapper = mapper_from_cfg(target.cfg, is_train=False, num_classes=job.spec.num_classes)
         loader = torch.utils.data.DataLoader(
-            MappedDataset(shard[state.position :], mapper),
+            MappedDataset(job.shard[state.position :], mapper),
             batch_size=settings.batch_size,
             shuffle=False,
             num_workers=self._num_workers(target.cfg),
             collate_fn=trivial_batch_collator,
         )
-        resize_to_label = spec.resize_to is not None
         last_save = time.monotonic()
         start, done_here = time.monotonic(), 0
         committing = False
         try:
             batches = progress(
                 loader,
-                total=len(shard),
+                total=len(job.shard),
                 initial=state.position,
                 desc=f"{target.name}" + (f" [rank {info.rank}]" if info.world_size > 1 else ""),
                 unit="img",
@@ -228,39 +279,29 @@ class Session:
             )
             with torch.no_grad():
                 for batch in batches:
-                    rows_of_batch = None
-                    if semla_rows is not None:
-                        rows_of_batch = semla_rows[state.position : state.position + len(batch)]
-                    predictions: dict[str, list] = {}
-                    for experiment in plan.experiments:
-                        rows = rows_of_batch if experiment == "semla" else weights.get(experiment)
-                        outputs = segment(
-                            model, library, batch, rows, text_features=text_for(experiment, rows)
-                        )
-                        predictions[experiment] = [
-                            label_prediction(o["sem_seg"], x["sem_seg"], resize_to_label=resize_to_label)
-                            for o, x in zip(outputs, batch)
-                        ]
+                    predictions = self._predict(job, batch)
                     committing = True
                     for experiment, preds in predictions.items():
                         for pred, x in zip(preds, batch):
-                            evaluators[experiment].process(pred, x["sem_seg"], name=str(x.get("file_name")))
+                            job.evaluators[experiment].process(
+                                pred, x["sem_seg"], name=str(x.get("file_name"))
+                            )
                     state.position += len(batch)
                     committing = False
                     done_here += len(batch)
                     if time.monotonic() - last_save >= settings.save_every:
-                        state.record(evaluators)
-                        self._save_state(target, state, len(shard))
+                        state.record(job.evaluators)
+                        self._save_state(target, state, len(job.shard))
                         last_save = time.monotonic()
         except BaseException:
             if not committing and done_here:
-                state.record(evaluators)
-                self._save_state(target, state, len(shard))
+                state.record(job.evaluators)
+                self._save_state(target, state, len(job.shard))
                 logger.warning(
-                    "%s: interrupted after %d of %d images of this process; progress saved, --resume continues",
+                    "%s: interrupted after %d of %d images of this process; resume state saved, --resume continues",
                     target.name,
                     state.position,
-                    len(shard),
+                    len(job.shard),
                 )
             raise
         seconds = time.monotonic() - start
@@ -273,15 +314,6 @@ class Session:
                 seconds / done_here,
                 len(plan.experiments),
             )
-        metrics = {e: evaluators[e].evaluate()["sem_seg"] for e in plan.experiments}
-        image_weights: list[ImageWeights] = []
-        if semla_rows is not None:
-            local = [
-                _image_weights(record, row, library.names, plan.datasets_root)
-                for record, row in zip(shard, semla_rows)
-            ]
-            image_weights = [w for part in all_gather_objects(local) for w in part]
-        return metrics, image_weights, uniform_record
 
     # -- helpers ------------------------------------------------------------------------------------
     def _semla_weights(self, embeddings: torch.Tensor, exclude: list[int] | None) -> torch.Tensor:

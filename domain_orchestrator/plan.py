@@ -178,7 +178,55 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
     Raises:
         ExperimentError: listing the problems.
     """
-    problems: list[str] = []
+    problems: list[str] = []  # every helper adds what it finds; all are reported together
+    _check_options(settings, problems)
+    sources, targets = _read_domain_lists(settings, problems)
+    semla = _read_semla_config(settings, problems)
+    root = _dataset_root(settings, problems)
+    model_weights = find_input_path(settings.model_weights)
+    if not model_weights.is_file():
+        problems.append(
+            f"CAT-Seg checkpoint {settings.model_weights} not found (looked at {model_weights}); pass "
+            "--model_weights PATH (the original expects catseg/models/model_final.pth)"
+        )
+    for overlay in settings.config_overlays:
+        if not Path(overlay).is_file():
+            problems.append(f"--config_overlay {overlay}: file not found")
+    target_plans = [
+        plan
+        for name in targets
+        if (plan := _plan_target(name, settings, model_weights, root, problems)) is not None
+    ]
+    library_path = find_input_path(settings.lora_library_path)
+    library_names = _check_library(settings, sources, targets, library_path, problems)
+    parts = {
+        "sources": sources,
+        "targets": targets,
+        "semla": semla,
+        "model_weights": model_weights,
+        "library_path": library_path,
+        "datasets_root": root,
+    }
+    fingerprint = _fingerprint(settings, parts, world_size)
+    finished = _check_output_dir(settings, fingerprint, sources, targets, problems)
+    if problems:
+        raise ExperimentError(problems)
+    return ExperimentPlan(
+        settings=settings,
+        sources=sources,
+        targets=target_plans,
+        semla=semla,
+        model_weights=model_weights,
+        library_path=library_path,
+        library_names=library_names,
+        datasets_root=root,
+        fingerprint=fingerprint,
+        finished=finished,
+    )
+
+
+def _check_options(settings: ExperimentSettings, problems: list[str]) -> None:
+    """The experiment names, the text policy and the batch size."""
     experiments = list(settings.experiments)
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if not experiments or unknown:
@@ -189,7 +237,10 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
         problems.append(f"--text_features must be one of {TEXT_POLICIES}, got {settings.text_features!r}")
     if settings.batch_size < 1:
         problems.append(f"--batch_size must be >= 1, got {settings.batch_size}")
-    needs_sources = bool({"uniform", "semla"} & set(experiments))
+
+
+def _read_domain_lists(settings: ExperimentSettings, problems: list[str]) -> tuple[list[str], list[str]]:
+    """``--domain_specs``, then the source and target lists; a problem of both lists is reported once."""
     if settings.domain_specs is not None:
         try:
             register_spec_folder(settings.domain_specs)
@@ -208,66 +259,78 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
             list_problems.setdefault(str(e), []).append(flag)
             return []
 
+    needs_sources = bool({"uniform", "semla"} & set(settings.experiments))
     sources = read_list(settings.source_domains, "source domains", "--source_domains", needs_sources)
     targets = read_list(settings.target_domains, "target domains", "--target_domains", True)
     for message, flags in list_problems.items():
         problems.append(f"{' and '.join(flags)}: {message}")
-    semla = SemlaConfig()
-    if settings.semla_config is not None:
-        try:
-            semla = load_semla_config(settings.semla_config)
-        except ExperimentError as e:
-            problems.extend(e.problems)
-        except FileNotFoundError as e:
-            problems.append(str(e))
+    return sources, targets
 
+
+def _read_semla_config(settings: ExperimentSettings, problems: list[str]) -> SemlaConfig:
+    if settings.semla_config is None:
+        return SemlaConfig()
+    try:
+        return load_semla_config(settings.semla_config)
+    except ExperimentError as e:
+        problems.extend(e.problems)
+    except FileNotFoundError as e:
+        problems.append(str(e))
+    return SemlaConfig()
+
+
+def _dataset_root(settings: ExperimentSettings, problems: list[str]) -> Path:
+    """The absolute dataset root (``Path()`` when missing: targets then load no records)."""
     root = settings.datasets_root
     if root is None:
         problems.append("no dataset root: pass --datasets_root DIR or set $DETECTRON2_DATASETS")
     elif not Path(root).expanduser().is_dir():
         problems.append(f"dataset root {root} does not exist (--datasets_root or $DETECTRON2_DATASETS)")
         root = None
-    root = Path(root).expanduser().absolute() if root is not None else Path()
+    return Path(root).expanduser().absolute() if root is not None else Path()
 
-    model_weights = find_input_path(settings.model_weights)
-    if not model_weights.is_file():
-        problems.append(
-            f"CAT-Seg checkpoint {settings.model_weights} not found (looked at {model_weights}); pass "
-            "--model_weights PATH (the original expects catseg/models/model_final.pth)"
+
+def _plan_target(
+    name: str, settings: ExperimentSettings, model_weights: Path, root: Path, problems: list[str]
+) -> TargetPlan | None:
+    """A target's config (checked against its dataset's classes) and validation records."""
+    try:
+        cfg = target_config(
+            name, model_weights=model_weights, overlays=settings.config_overlays, opts=settings.opts
         )
-    for overlay in settings.config_overlays:
-        if not Path(overlay).is_file():
-            problems.append(f"--config_overlay {overlay}: file not found")
-
-    target_plans: list[TargetPlan] = []
-    for name in targets:
+        dataset = get_domain(name).val_dataset
+        check_vocabulary(
+            class_names(cfg),
+            dataset,
+            source=f"the config of {name} (MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON)",
+        )
+        mapper_from_cfg(cfg, is_train=False)
+        arch = architecture_key(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, UnknownDatasetError) as e:
+        problems.append(f"target {name}: {e}")
+        return None
+    records: list[dict[str, Any]] = []
+    if settings.datasets_root is not None and root != Path():
         try:
-            cfg = target_config(
-                name, model_weights=model_weights, overlays=settings.config_overlays, opts=settings.opts
-            )
-            dataset = get_domain(name).val_dataset
-            check_vocabulary(
-                class_names(cfg),
-                dataset,
-                source=f"the config of {name} (MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON)",
-            )
-            mapper_from_cfg(cfg, is_train=False)
-            arch = architecture_key(cfg)
-        except (ConfigError, ValueError, FileNotFoundError, UnknownDatasetError) as e:
-            problems.append(f"target {name}: {e}")
-            continue
-        records: list[dict[str, Any]] = []
-        if settings.datasets_root is not None and root != Path():
-            try:
-                records = load_records(dataset, root)
-                if not records:
-                    problems.append(f"target {name}: {dataset} has no images under {root}")
-            except (DatasetError, FileNotFoundError) as e:
-                problems.append(f"target {name}: {dataset} is not usable under {root}: {e}")
-        target_plans.append(TargetPlan(name, dataset, cfg, records, arch))
+            records = load_records(dataset, root)
+            if not records:
+                problems.append(f"target {name}: {dataset} has no images under {root}")
+        except (DatasetError, FileNotFoundError) as e:
+            problems.append(f"target {name}: {dataset} is not usable under {root}: {e}")
+    return TargetPlan(name, dataset, cfg, records, arch)
 
-    library_path = find_input_path(settings.lora_library_path)
-    library_names = list(sources) if needs_sources else []
+
+def _check_library(
+    settings: ExperimentSettings,
+    sources: list[str],
+    targets: list[str],
+    library_path: Path,
+    problems: list[str],
+) -> list[str]:
+    """The adapters the experiments use (sources; the targets' own for oracle), the statistics and embedder
+    of semla; returns the library's adapter names, in order."""
+    experiments = settings.experiments
+    library_names = list(sources) if {"uniform", "semla"} & set(experiments) else []
     if "oracle" in experiments:
         library_names += [t for t in targets if t not in library_names]
     if library_names and not library_path.is_dir():
@@ -294,18 +357,19 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
             )
         elif (problem := embedding_model_problem(settings.embedding_model)) is not None:
             problems.append(problem)
+    return library_names
 
-    parts = {
-        "sources": sources,
-        "targets": targets,
-        "semla": semla,
-        "model_weights": model_weights,
-        "library_path": library_path,
-        "datasets_root": root,
-    }
-    fingerprint = _fingerprint(settings, parts, world_size)
+
+def _check_output_dir(
+    settings: ExperimentSettings,
+    fingerprint: dict[str, Any],
+    sources: list[str],
+    targets: list[str],
+    problems: list[str],
+) -> list[str]:
+    """An output folder holding results needs ``--resume`` (same fingerprint) or ``--overwrite``; returns
+    the targets an earlier run finished."""
     output_dir = Path(settings.output_dir)
-    finished: list[str] = []
     present = _output_files_present(output_dir)
     if settings.resume and (output_dir / RUN_CONFIG_FILE).is_file():
         import json
@@ -319,32 +383,19 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
                 f"--resume: {output_dir} holds a run with other settings ({', '.join(changed)} differ); "
                 "resume with the same command, or use another --output_dir (--overwrite starts over)"
             )
-        else:
-            try:
-                finished = ResultsBook.load(
-                    output_dir, experiments=experiments, targets=targets, sources=sources
-                ).finished()
-            except (ValueError, KeyError, OSError) as e:
-                problems.append(f"--resume: the outputs in {output_dir} cannot be read back ({e})")
+            return []
+        try:
+            return ResultsBook.load(
+                output_dir, experiments=list(settings.experiments), targets=targets, sources=sources
+            ).finished()
+        except (ValueError, KeyError, OSError) as e:
+            problems.append(f"--resume: the outputs in {output_dir} cannot be read back ({e})")
     elif present and not settings.resume and not settings.overwrite:
         problems.append(
             f"{output_dir} already holds results ({present[0].name}); pass --resume to continue that run, "
             "--overwrite to start over, or choose another --output_dir"
         )
-    if problems:
-        raise ExperimentError(problems)
-    return ExperimentPlan(
-        settings=settings,
-        sources=sources,
-        targets=target_plans,
-        semla=semla,
-        model_weights=model_weights,
-        library_path=library_path,
-        library_names=library_names,
-        datasets_root=root,
-        fingerprint=fingerprint,
-        finished=finished,
-    )
+    return []
 
 
 def class_names(cfg: CfgNode) -> list[str]:

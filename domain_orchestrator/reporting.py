@@ -76,7 +76,7 @@ def experiment_dir(output_dir: str | os.PathLike, experiment: str, experiments: 
     return Path(output_dir) if len(experiments) == 1 else Path(output_dir) / experiment
 
 
-def _write_reference_json(path: Path, data: Any) -> None:
+def _write_original_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(to_json(data), indent=4))
 
 
@@ -149,13 +149,13 @@ class ResultsBook:
         output_dir = Path(output_dir)
         for experiment in self.experiments:
             folder = experiment_dir(output_dir, experiment, self.experiments)
-            _write_reference_json(folder / RESULTS_FILE, self.results(experiment))
+            _write_original_json(folder / RESULTS_FILE, self.results(experiment))
             if experiment == "uniform":
                 uniform = {t: self.uniform[t] for t in self.finished() if t in self.uniform}
-                _write_reference_json(folder / WEIGHTS_FILE, uniform)
+                _write_original_json(folder / WEIGHTS_FILE, uniform)
             if experiment == "semla":
-                _write_reference_json(folder / WEIGHTS_FILE, self.semla_weights())
-                _write_reference_json(folder / WEIGHTS_REFERENCE_FILE, self.semla_weights_reference())
+                _write_original_json(folder / WEIGHTS_FILE, self.semla_weights())
+                _write_original_json(folder / WEIGHTS_REFERENCE_FILE, self.semla_weights_reference())
         atomic_write_json(output_dir / METRICS_FILE, {t: self.metrics[t] for t in self.finished()})
         atomic_write_text(output_dir / SUMMARY_FILE, format_summary(self) + "\n")
 

@@ -81,11 +81,11 @@ def load_resume_state(path: Path, run: Mapping[str, Any]) -> ResumeState:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file: say which and stop
         raise ExperimentError(
-            [f"{path}: progress file cannot be read ({e}); delete it to redo {target}"]
+            [f"{path}: resume state cannot be read ({e}); delete it to redo {target}"]
         ) from None
     wrong = {k: payload.get(k) for k, v in run.items() if payload.get(k) != v}
     if payload.get("format") != _FORMAT or wrong:
-        raise ExperimentError([f"{path}: progress of another run ({wrong}); delete it to redo {target}"])
+        raise ExperimentError([f"{path}: resume state of another run ({wrong}); delete it to redo {target}"])
     logger.info("%s: resuming at image %d of %d of this process", target, payload["position"], run["shard"])
     return ResumeState(
         position=int(payload["position"]),

@@ -74,7 +74,7 @@ def scores(
     Args:
         embedding: (B, D) or (D,) image embeddings.
         prototypes: (N, D).
-        measure: ``euclidean`` (1 / distance, the reference's effective default) or ``cosine``.
+        measure: ``euclidean`` (1 / distance, the original's effective default) or ``cosine``.
         prototype_sq_norms: optional cached (N,) |p|^2 for ``euclidean``.
     Returns:
         (B, N) float64.
@@ -108,7 +108,7 @@ def _exclusion_mask(
 def topk_indices(scores: Tensor, top_k: int, exclude: Tensor | Sequence[int] | None = None) -> Tensor:
     """Indices of each row's ``top_k`` highest scores, best first.
 
-    Ties keep library order (as the reference's stable ``sorted(..., reverse=True)``): among equal
+    Ties keep library order (as the original's stable ``sorted(..., reverse=True)``): among equal
     scores at the cut, the adapters listed first are kept, and equal scores are listed in library order.
     Excluded adapters are never chosen; fewer than ``top_k`` candidates keeps all of them.
     Linear in the library size (one ``topk`` and a few element-wise passes; no full sort).
@@ -146,7 +146,7 @@ def semla_weights(
     Args:
         scores: (B, N), higher = closer.
         top_k: adapters kept per image, >= 1.
-        temperature: softmax temperature T > 0 (the reference uses 0.05).
+        temperature: softmax temperature T > 0 (the original uses 0.05).
         exclude: adapters to leave out (see :func:`topk_indices`).
     Returns:
         (B, N) float64 weights; each row sums to 1.

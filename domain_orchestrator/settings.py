@@ -165,8 +165,8 @@ class ExperimentSettings:
         opts: ``KEY VALUE`` overrides applied to every domain's config, last.
         resume: continue the run in ``output_dir``.
         overwrite: start over in an ``output_dir`` that holds a run.
-        save_every: seconds between progress saves inside a target (0: after every batch).
-        progress: show progress.
+        save_every: seconds between saves of the resume state inside a target (0: after every batch).
+        progress: show a progress bar or progress lines.
         argv: the command line, recorded in ``run_config.json``.
     """
 
