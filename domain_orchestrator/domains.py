@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cat_seg.data.domain_spec import DomainSpecError, find_spec_files
 from cat_seg.data.registry import (
     CATSEG_DIR,
@@ -34,6 +32,7 @@ from cat_seg.data.registry import (
     get_dataset,
     register_domain_spec_file,
 )
+from cat_seg.fileio import read_yaml
 
 __all__ = [
     "Domain",
@@ -179,12 +178,7 @@ def read_domain_list(path: str | os.PathLike, *, what: str = "domains") -> list[
             (all reported).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        entries = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DomainError(f"{path}: not valid YAML ({e})") from None
+    entries = read_yaml(path, what=f"{what} file", error=DomainError)
     if not isinstance(entries, list) or not all(isinstance(n, str) for n in entries):
         raise DomainError(f"{path}: expected a YAML list of {what} names (- acdc-rain, - bdd, ...)")
     if not entries:

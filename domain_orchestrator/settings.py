@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from cat_seg.fileio import read_yaml
 
 __all__ = [
     "EXPERIMENTS",
@@ -95,12 +95,7 @@ def load_semla_config(path: str | os.PathLike | None) -> SemlaConfig:
     if path is None:
         return SemlaConfig()
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SemLA config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ExperimentError([f"{path}: not valid YAML ({e})"]) from None
+    data = read_yaml(path, what="SemLA config file", error=lambda m: ExperimentError([m]))
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ExperimentError([f"{path}: expected a mapping of keys ({', '.join(_SEMLA_KEYS)})"])

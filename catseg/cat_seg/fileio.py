@@ -61,3 +61,24 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 text atomically (see :func:`atomic_write`)."""
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_yaml(path: str | os.PathLike[str], *, what: str, error: Callable[[str], Exception]) -> object:
+    """The content of a YAML file a user gave (``None`` for an empty file).
+
+    Args:
+        path: the file.
+        what: what the file is, for the messages (``domain spec``, ``SemLA config file``, ...).
+        error: builds the exception raised for a file that is not valid YAML (or not UTF-8).
+    Raises:
+        FileNotFoundError: ``"<what> not found: <path>"``.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid YAML ({e})") from None

@@ -161,4 +161,4 @@ def test_validate_checks_a_spec_and_its_label_ids(own: Path, capsys) -> None:  #
     assert validate_main(["--domain_spec", str(own)]) == 1
     assert f"{label}: label ids out of range: 7 (expected 0..2 or ignore 255)" in capsys.readouterr().out
     assert validate_main(["--domain_spec", str(own.parent / "nope.yaml")]) == 1
-    assert "nope.yaml not found" in capsys.readouterr().err
+    assert "domain spec not found: " in capsys.readouterr().err

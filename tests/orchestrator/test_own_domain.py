@@ -36,7 +36,11 @@ def test_a_domain_list_may_name_spec_files_beside_builtin_domains(own: Path, tmp
     listing.write_text("- acdc-rain\n- missing.yaml\n- floods\n- flods\n")
     with pytest.raises(DomainError) as e:
         read_domain_list(listing)
-    assert "domain spec" in str(e.value) and "missing.yaml not found" in str(e.value)
+    assert (
+        "domain spec" in str(e.value)
+        and "domain spec not found: " in str(e.value)
+        and "missing.yaml" in str(e.value)
+    )
 
 
 def test_a_folder_of_specs_registers_each_and_reports_every_bad_one(own: Path, tmp_path: Path) -> None:

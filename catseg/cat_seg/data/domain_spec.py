@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from ..fileio import read_yaml
+
 __all__ = [
     "DEFAULT_BASE_CONFIG",
     "DomainSpec",
@@ -213,12 +215,7 @@ def load_domain_spec(path: str | os.PathLike) -> DomainSpec:
     from .registry import DOMAINS
 
     path = Path(path).expanduser().absolute()
-    if not path.is_file():
-        raise FileNotFoundError(f"domain spec {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DomainSpecError(f"domain spec {path}: not valid YAML ({e})") from None
+    data = read_yaml(path, what="domain spec", error=lambda m: DomainSpecError(f"domain spec {m}"))
     if not isinstance(data, dict):
         raise DomainSpecError(f"domain spec {path}: expected a YAML mapping with name, classes, train/val")
     base = path.parent
