@@ -32,6 +32,7 @@ from cat_seg.data.registry import (
     get_dataset,
     register_domain_spec_file,
 )
+from cat_seg.data.registry import list_domains as registered_domains
 from cat_seg.fileio import read_yaml
 
 __all__ = [
@@ -101,9 +102,7 @@ def _config_file(name: str) -> str:
 
 def list_domains() -> list[str]:
     """The 20 SemLA domain names (the paper's source order), then the ones registered from specs."""
-    from cat_seg.data.registry import list_domains as registered
-
-    return registered()
+    return registered_domains()
 
 
 def _known() -> str:

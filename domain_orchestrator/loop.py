@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,15 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from cat_seg.checkpoint import load_checkpoint
 from cat_seg.config import CfgNode
 from cat_seg.data import InferenceSampler, get_dataset, mapper_from_cfg
 from cat_seg.data.build import MappedDataset, trivial_batch_collator
 from cat_seg.engine.evaluate import label_prediction
+from cat_seg.engine.io import atomic_write_json
 from cat_seg.engine.launch import DistInfo, all_gather_objects, barrier
 from cat_seg.engine.setup import collect_run_info, resolve_device
 from cat_seg.evaluation import SemSegEvaluator
+from cat_seg.modeling import build_model
 from cat_seg.progress import progress
 
+from .embedding import EmbeddingError, load_embedder
 from .fusion import fused_text_features
 from .library import AdapterLibrary, AdapterLibraryError
 from .plan import ExperimentPlan, TargetPlan, class_names
@@ -73,9 +78,6 @@ class Session:
     """The models, library, embedder and prototypes of one process, built and validated once."""
 
     def __init__(self, plan: ExperimentPlan, device: torch.device, info: DistInfo) -> None:
-        from cat_seg.checkpoint import load_checkpoint
-        from cat_seg.modeling import build_model
-
         self.plan = plan
         self.device = device
         self.info = info
@@ -118,8 +120,6 @@ class Session:
             raise ExperimentError(problems)
 
     def _retrieval_setup(self, model: Any, problems: list[str]) -> tuple[Any, torch.Tensor | None]:
-        from .embedding import EmbeddingError, load_embedder
-
         spec = self.plan.settings.embedding_model
         try:
             embedder = load_embedder(spec, device=self.device, catseg_model=model)
@@ -410,8 +410,6 @@ def run(plan: ExperimentPlan, info: DistInfo | None = None) -> ResultsBook | Non
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if settings.overwrite and not settings.resume:
-            import shutil
-
             shutil.rmtree(output_dir / RESUME_DIR, ignore_errors=True)
         book = (
             ResultsBook.load(
@@ -457,8 +455,6 @@ def run(plan: ExperimentPlan, info: DistInfo | None = None) -> ResultsBook | Non
 
 
 def _write_run_config(plan: ExperimentPlan, session: Session, device: torch.device, info: DistInfo) -> None:
-    from cat_seg.engine.io import atomic_write_json
-
     library = next(iter(session.libraries.values()), None)
     data = collect_run_info(argv=plan.settings.argv, device=device, world_size=info.world_size, seed=0)
     data.pop("seed")

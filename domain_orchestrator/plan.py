@@ -10,6 +10,7 @@ experiments need, the embedder, the output folder and ``--resume``'s fingerprint
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -22,11 +23,13 @@ from cat_seg.data import DatasetError, load_records, mapper_from_cfg
 from cat_seg.data.domain_spec import DomainSpecError
 from cat_seg.data.registry import UnknownDatasetError, domain_spec
 from cat_seg.engine.evaluate import check_vocabulary
+from cat_seg.modeling.build import model_kwargs_from_cfg
+from cat_seg.modeling.text import load_class_names
 
 from .domains import DomainError, get_domain, read_domain_list, register_spec_folder
 from .library import ADAPTER_CONFIG
 from .prototypes import statistics_path
-from .reporting import RUN_CONFIG_FILE, ResultsBook
+from .reporting import METRICS_FILE, RESULTS_FILE, RUN_CONFIG_FILE, ResultsBook
 from .settings import (
     EXPERIMENT_OPTS,
     EXPERIMENTS,
@@ -99,8 +102,6 @@ def target_config(
 
 def architecture_key(cfg: CfgNode) -> str:
     """Identifies what :func:`cat_seg.modeling.build_model` builds from ``cfg``, class names aside."""
-    from cat_seg.modeling.build import model_kwargs_from_cfg
-
     return repr(sorted(model_kwargs_from_cfg(cfg).items()))
 
 
@@ -155,8 +156,6 @@ def _spec_fingerprints(domains: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def _output_files_present(output_dir: Path) -> list[Path]:
-    from .reporting import METRICS_FILE, RESULTS_FILE
-
     candidates = [output_dir / RUN_CONFIG_FILE, output_dir / METRICS_FILE, output_dir / RESULTS_FILE]
     candidates += [output_dir / e / RESULTS_FILE for e in EXPERIMENTS]
     return [p for p in candidates if p.is_file()]
@@ -372,8 +371,6 @@ def _check_output_dir(
     output_dir = Path(settings.output_dir)
     present = _output_files_present(output_dir)
     if settings.resume and (output_dir / RUN_CONFIG_FILE).is_file():
-        import json
-
         previous = json.loads((output_dir / RUN_CONFIG_FILE).read_text(encoding="utf-8")).get(
             "fingerprint", {}
         )
@@ -400,6 +397,4 @@ def _check_output_dir(
 
 def class_names(cfg: CfgNode) -> list[str]:
     """The test vocabulary of a config (``MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON``)."""
-    from cat_seg.modeling.text import load_class_names
-
     return load_class_names(resolve_catseg_path(cfg.MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON))
