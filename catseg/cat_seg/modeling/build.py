@@ -1,4 +1,5 @@
-"""Model presets and ``build_model(cfg)``: the one place where the config turns into constructor arguments."""
+"""CAT-Seg's model presets and builder (registered as ``"CATSeg"``): the one place where the config turns
+into CAT-Seg's constructor arguments. ``build_model(cfg)`` (:mod:`.registry`) dispatches to it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,19 @@ from torch import nn
 from .aggregator import Aggregator
 from .cat_seg import CATSeg, CATSegHead, CATSegPredictor
 from .clip import CLIP, CLIPConfig
+from .registry import build_model, register_model
 from .text import load_class_names, prompt_templates
+
+__all__ = [
+    "CLIP_NAME_TO_PRESET",
+    "MODEL_PRESETS",
+    "ModelPreset",
+    "build_catseg",
+    "build_catseg_model",
+    "build_model",
+    "model_kwargs_from_cfg",
+    "preset_for",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +217,11 @@ def build_catseg(
     return model
 
 
-def build_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> CATSeg:
+@register_model("CATSeg")
+def build_catseg_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> CATSeg:
     """Build CAT-Seg from a config on ``device`` (random weights; load a checkpoint afterwards).
+
+    The builder of ``MODEL.META_ARCHITECTURE: "CATSeg"``; call it through :func:`build_model`.
 
     Args:
         cfg: a config from :func:`cat_seg.config.load_config`.
@@ -215,8 +231,6 @@ def build_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bo
     Returns:
         the model in training mode, with CAT-Seg's ``CLIP_FINETUNE`` trainability applied.
     """
-    if cfg.MODEL.META_ARCHITECTURE != "CATSeg":
-        raise ValueError(f"MODEL.META_ARCHITECTURE must be 'CATSeg', got {cfg.MODEL.META_ARCHITECTURE!r}")
     kwargs = model_kwargs_from_cfg(cfg)
     with torch.device(device):
         model = build_catseg(**kwargs)

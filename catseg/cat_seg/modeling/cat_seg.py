@@ -100,7 +100,8 @@ class CATSeg(nn.Module):
         guidance_layers: the two CLIP visual blocks whose outputs feed ``upsample1`` and ``upsample2``.
         train_guidance_layers: the blocks used instead in training mode; None: ``guidance_layers``. The
             original SemLA LoRA trainer effectively used ``(guidance_layers[0],) * 2`` (its guidance hooks
-            were registered twice; REFERENCE.md §6 Q2), which ``MODEL.LORA.REFERENCE_TRAINING`` restores.
+            were registered twice; docs/differences.md#q2), which ``MODEL.LORA.REFERENCE_TRAINING``
+            restores.
         clip_resolution: side of the square CLIP input.
         pixel_mean, pixel_std: ImageNet normalisation (kept for config parity; CAT-Seg does not use it).
         clip_pixel_mean, clip_pixel_std: CLIP normalisation in 0-255 units.
