@@ -1,5 +1,6 @@
 # Two commands: `make sync` creates .venv with uv (installing uv with pip when missing), `make test` runs the tests.
 # `make demo` runs all of SemLA offline on a small procedural world (DEMO_ARGS, e.g. DEMO_ARGS="--seed 1").
+# `make bench` runs each benchmark's quick smoke run on the tiny model (the recorded runs: bench/BENCHMARKS.md).
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
@@ -18,6 +19,12 @@ demo:
 lint:
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
+
+bench:
+	$(UV) run --frozen python bench/catseg_speed.py --preset tiny --reps 1
+	$(UV) run --frozen python bench/fusion_overhead.py --preset tiny
+	$(UV) run --frozen python bench/semla_overhead.py --preset tiny --images 3
+	$(UV) run --frozen python bench/startup.py --reps 1 --modes cache
 
 format:
 	$(UV) run --frozen ruff format .

@@ -32,13 +32,11 @@ import ctypes
 import gc
 import json
 import math
-import platform
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -49,6 +47,8 @@ from cat_seg.modeling import build_model
 from cat_seg.modeling._padded import padded_computation
 from cat_seg.modeling.aggregator import Aggregator, ClassTransformerLayer
 from cat_seg.modeling.text import load_class_names
+
+from _common import run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", 640),
@@ -379,13 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reps": args.reps,
             "warmup": args.warmup,
             "max_memory_gb": args.max_memory_gb,
-            "torch": torch.__version__,
-            "device": device,
-            "threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "python": platform.python_version(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+            **run_description(argv, device=device),
         },
     }
     print(render(results))

@@ -2,7 +2,7 @@
 
 Measures, on a randomly initialised CAT-Seg (default preset ``vitb_384``) in the inference mode SemLA
 uses (sliding window: four crops and a global view, pooling [1, 1]) with cached class-text features,
-with a library of random rank-8 adapters on the reference's kind of targets (CLIP q/k/v/c_fc/c_proj of
+with a library of random rank-8 adapters on the original's kind of targets (CLIP q/k/v/c_fc/c_proj of
 both towers and the aggregator's Linear layers):
 
   (a) zero-shot forward, batch 1
@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,8 @@ from domain_orchestrator.fusion import fused_adapters, fused_text_features
 from domain_orchestrator.library import AdapterLibrary
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
+
+from _common import run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", "datasets/cs19.json", "datasets/ade150.json", 640),
@@ -240,14 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch": args.batch,
         "reps": args.reps,
         "warmup": args.warmup,
-        "torch": torch.__version__,
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": __import__("os").cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        **run_description(argv, device=device, cpu_count=True),
     }
     print(render(results))
     if args.output:

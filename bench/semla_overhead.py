@@ -16,7 +16,7 @@ images after ``--warmup`` untimed ones.
 
 Setting (the paper's pairing): ``vitl_336`` CAT-Seg with a ViT-L/14 224-px Hugging Face CLIP embedder;
 ``--preset vitb_384`` pairs CAT-Seg ViT-B/16 with a ViT-B/16 224-px embedder. All weights are random (the
-cost does not depend on them). A library of 20 random rank-8 adapters on the reference's targets, top-5,
+cost does not depend on them). A library of 20 random rank-8 adapters on the original's targets, top-5,
 T = 0.05; 1080x1920 PNG images (ACDC's size) with 19 Cityscapes classes.
 
     uv run python bench/semla_overhead.py --preset vitb_384 --images 4
@@ -28,13 +28,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +50,8 @@ from domain_orchestrator.fusion import fused_adapters, fused_text_features
 from domain_orchestrator.library import AdapterLibrary
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
+
+from _common import run_description
 
 #: preset -> (CAT-Seg config, embedder vision config (image, patch, width, layers, heads, projection))
 PRESETS = {
@@ -250,13 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "library": f"{args.num_adapters} adapters, rank 8, top-{args.top_k}, T 0.05",
         "images": args.images,
         "warmup": args.warmup,
-        "torch": torch.__version__,
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        **run_description(argv, device=device),
     }
     print(render(results))
     if args.output:

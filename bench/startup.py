@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,9 +44,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from io import BytesIO
 from pathlib import Path
+
+from _common import run_description
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0  # DESIGN.md §6: within torch's import time + 1 s
@@ -304,11 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for (mode, name, code), s in samples.items()
         ],
         "reps": {"cache": args.reps, "no cache": args.reps_no_cache or args.reps},
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        **run_description(argv, cpu_count=True),
     }
     print(render(results, args.modes, list(codes), commands))
     if args.output is not None:
