@@ -27,61 +27,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
-DEMO = REPO_ROOT / "demo_output"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from semla_demo.cli import add_model_arguments, add_run_arguments
+
     parser = argparse.ArgumentParser(
         prog="demo.py", description="Segment images with CAT-Seg (+ SemLA) and your class names."
     )
-    parser.add_argument(
-        "--config-file",
-        default=str(REPO_ROOT / "configs" / "demo" / "train.yaml"),
-        help="CAT-Seg config (default: the demo's tiny model, configs/demo/train.yaml)",
-    )
-    parser.add_argument(
-        "--weights",
-        default=str(DEMO / "base" / "model_final.pth"),
-        help="CAT-Seg checkpoint (default: the one make demo trains, demo_output/base/model_final.pth)",
-    )
+    add_model_arguments(parser)  # no library by default: zero-shot
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
-    vocab = parser.add_mutually_exclusive_group()
-    vocab.add_argument(
-        "--classes", help='class names, comma-separated: "road,car,person" (default: the config\'s)'
-    )
-    vocab.add_argument("--class-json", help="a JSON list of class names (index = class id)")
-    vocab.add_argument(
-        "--domain_spec",
-        metavar="FILE",
-        help='the class names of a domain of your own, from its spec (docs/own_domain.md)',
-    )
     parser.add_argument("--output", type=Path, required=True, help="folder for the pictures and label maps")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument(
-        "--lora_library_path", help="adapter library: apply SemLA per image (default: none, zero-shot)"
-    )
-    parser.add_argument("--embedding_model", help="the embedder that made the library's statistics (semla)")
-    parser.add_argument(
-        "--semla_config",
-        default=str(REPO_ROOT / "configs" / "demo" / "semla_config.yaml"),
-        help="YAML with distance_measure_name, temperature, top_k (default: the demo's, "
-        "configs/demo/semla_config.yaml)",
-    )
     parser.add_argument(
         "--method",
         choices=("semla", "uniform", "zeroshot"),
         default=None,
         help="default: semla with a library and an embedder, uniform with a library only, zeroshot otherwise",
     )
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     parser.add_argument(
         "--web", action="store_true", help="serve the web demo instead (its flags: demo.py --web --help)"
     )
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="config overrides"
-    )
+    add_run_arguments(parser)
     return parser
 
 
@@ -120,6 +87,8 @@ def class_names(args: argparse.Namespace) -> list[str] | None:
 
 
 def _missing_demo_files(args: argparse.Namespace) -> None:
+    from semla_demo.common import DEMO
+
     if not Path(args.weights).is_file():
         hint = (
             " (run `make demo` first: it trains the demo model)"

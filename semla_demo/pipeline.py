@@ -39,21 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .common import EVAL_OPTS, METHODS, MODEL_OVERLAY, REPO_ROOT, SEMLA_CONFIG, TRAIN_CONFIG
+
 CATSEG = REPO_ROOT / "catseg"
-TRAIN_CONFIG = REPO_ROOT / "configs" / "demo" / "train.yaml"
-MODEL_OVERLAY = REPO_ROOT / "configs" / "demo" / "model.yaml"
 BASE_CONDITION = ("clear", "day")
-SEMLA_CONFIG = REPO_ROOT / "configs" / "demo" / "semla_config.yaml"
-#: Overrides of every evaluation of the demo (experiments.py and the report): the 64x64 images fit the
-#: model's input whole, one view instead of the five of the sliding window that experiments.py's
-#: configs otherwise switch on (as the original's experiments do).
-EVAL_OPTS = ("TEST.SLIDING_WINDOW", "False")
 #: Threads of every computing process, whatever the machine: CPU kernels' results can depend on the thread
 #: count, so a pinned count makes a seed give the same bytes on any machine of a kind (``--jobs`` only
 #: changes how many single-thread processes run side by side, never a result).
 THREADS = 2
-METHODS = ("zeroshot", "uniform", "semla", "oracle")
 
 logger = logging.getLogger(__name__)
 

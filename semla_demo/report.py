@@ -23,12 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import EVAL_OPTS, METHOD_LABELS, METHODS, MODEL_OVERLAY, SEMLA_CONFIG
 from .visualize import cityscapes_palette
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zeroshot", "uniform", "semla", "oracle")
-LABELS = {"zeroshot": "zero-shot", "uniform": "uniform", "semla": "SemLA", "oracle": "oracle"}
 BASE_TARGET = "muses-clear-day"  # the condition the base model is trained on
 EXAMPLE_TARGETS = (
     "muses-clear-day",
@@ -78,7 +77,6 @@ def retrieval_confusion(world: Path, clip: Path, library: Path, domains: list[st
     from domain_orchestrator.prototypes import read_statistics
     from domain_orchestrator.retrieval import scores
 
-    from .pipeline import SEMLA_CONFIG
     from .world import MANIFEST
 
     embedder = load_embedder(str(clip))
@@ -104,8 +102,6 @@ def retrieval_accuracy(confusion: np.ndarray, domains: list[str]) -> dict[str, f
 def _eval_config(target: str, base: Path):  # noqa: ANN202 - a CfgNode
     """A target's config as the demo's experiments.py runs evaluate it."""
     from domain_orchestrator.orchestrator import target_config
-
-    from .pipeline import EVAL_OPTS, MODEL_OVERLAY
 
     return target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
 
@@ -191,7 +187,7 @@ def plot_miou(tables: Mapping[str, Mapping[str, Mapping[str, float]]], path: Pat
         for k, method in enumerate(METHODS):
             values = [table[t][method] for t in targets]
             values.append(float(np.mean(values)))
-            ax.bar(x + (k - 1.5) * width, values, width, label=LABELS[method], color=colours[method])
+            ax.bar(x + (k - 1.5) * width, values, width, label=METHOD_LABELS[method], color=colours[method])
         ax.set_xticks(x, [_short(g) for g in groups])
         ax.set_ylabel("IoU (%)")
         ax.set_title(f"mIoU per target domain: {setting}")
@@ -360,7 +356,7 @@ def format_tables(
     lines = []
     for setting, table in tables.items():
         lines.append(f"IoU (%) per target, {setting}:")
-        header = f"  {'target':<14}" + "".join(f"{LABELS[m]:>11}" for m in METHODS)
+        header = f"  {'target':<14}" + "".join(f"{METHOD_LABELS[m]:>11}" for m in METHODS)
         lines += [header, "  " + "-" * (len(header) - 2)]
         for target, row in table.items():
             lines.append(f"  {_short(target):<14}" + "".join(f"{row[m]:>11.2f}" for m in METHODS))
@@ -475,7 +471,7 @@ def format_seeds(results: Mapping[int, Mapping]) -> tuple[str, dict]:
         }
         numbers["settings"][setting] = means
         lines.append(f"mean IoU (%) over the targets, {setting}:")
-        header = f"  {'seed':<14}" + "".join(f"{LABELS[m]:>14}" for m in METHODS) + "   ordering"
+        header = f"  {'seed':<14}" + "".join(f"{METHOD_LABELS[m]:>14}" for m in METHODS) + "   ordering"
         lines += [header, "  " + "-" * (len(header) - 2)]
         for seed in seeds:
             row = means[seed]

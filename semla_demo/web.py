@@ -34,15 +34,15 @@ from typing import Any
 
 import numpy as np
 
+from .cli import add_model_arguments, add_run_arguments
+from .common import DEMO, METHOD_LABELS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["InputError", "Limits", "Result", "WebDemo", "build_app", "build_parser", "find_gallery", "main"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO = REPO_ROOT / "demo_output"
 HOST = "127.0.0.1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-METHOD_LABELS = {"semla": "SemLA", "uniform": "uniform", "zeroshot": "zero-shot"}
 #: Results are shown at least this many pixels on their long side (small images are enlarged, nearest).
 DISPLAY_SIDE = 384
 
@@ -668,38 +668,7 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
         description="Serve the SemLA web demo on 127.0.0.1: one image, your class names, the adapters it borrows.",
     )
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (default: 7860)")
-    parser.add_argument(
-        "--config-file",
-        default=str(REPO_ROOT / "configs" / "demo" / "train.yaml"),
-        help="CAT-Seg config (default: the demo's tiny model, configs/demo/train.yaml)",
-    )
-    parser.add_argument(
-        "--weights",
-        default=str(DEMO / "base" / "model_final.pth"),
-        help="CAT-Seg checkpoint (default: the one make demo trains, demo_output/base/model_final.pth)",
-    )
-    parser.add_argument(
-        "--lora_library_path",
-        default=str(DEMO / "loradb"),
-        help="adapter library with its statistics (default: demo_output/loradb)",
-    )
-    parser.add_argument(
-        "--embedding_model",
-        default=str(DEMO / "clip"),
-        help="the embedder that made the library's statistics (default: the demo's CLIP, demo_output/clip)",
-    )
-    parser.add_argument(
-        "--semla_config",
-        default=str(REPO_ROOT / "configs" / "demo" / "semla_config.yaml"),
-        help="YAML with distance_measure_name, temperature, top_k (default: the demo's, "
-        "configs/demo/semla_config.yaml)",
-    )
-    vocab = parser.add_mutually_exclusive_group()
-    vocab.add_argument("--classes", help="initial class names, comma-separated (default: the config's)")
-    vocab.add_argument("--class-json", help="initial class names from a JSON list")
-    vocab.add_argument(
-        "--domain_spec", metavar="FILE", help="initial class names: those of a domain of your own (its spec)"
-    )
+    add_model_arguments(parser, demo_library=True, initial_classes=True)
     parser.add_argument(
         "--gallery",
         default=str(DEMO / "world"),
@@ -726,11 +695,7 @@ def build_parser(prog: str = "python -m semla_demo.web") -> argparse.ArgumentPar
         default=Limits.max_file_mb,
         help="refuse larger uploads (MB; default: %(default)s)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="config overrides"
-    )
+    add_run_arguments(parser)
     return parser
 
 
