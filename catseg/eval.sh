@@ -1,10 +1,10 @@
 #!/bin/sh
-# Evaluate CAT-Seg without LoRA on Cityscapes-19 class names (the reference's eval.sh, LoRA disabled explicitly).
+# Evaluate CAT-Seg without LoRA on Cityscapes-19 class names (the original's eval.sh, LoRA disabled explicitly).
 #
 #   sh eval.sh CONFIG NUM_GPUS OUTPUT_DIR [KEY VALUE ...]
 #
 # Results go to OUTPUT_DIR/eval; the "copypaste:" lines of its log.txt are printed at the end, as in the
-# reference. For other label sets override MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON (and NUM_CLASSES).
+# original. For other label sets override MODEL.SEM_SEG_HEAD.TEST_CLASS_JSON (and NUM_CLASSES).
 # Environment: PYTHON (interpreter), TRAIN_NET_ARGS (more train_net.py flags).
 if [ "$#" -lt 3 ]; then
     echo "usage: sh eval.sh CONFIG NUM_GPUS OUTPUT_DIR [KEY VALUE ...]" >&2

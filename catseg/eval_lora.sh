@@ -1,5 +1,5 @@
 #!/bin/sh
-# Evaluate the base CAT-Seg model with one SemLA LoRA adapter attached (the reference's eval_lora.sh).
+# Evaluate the base CAT-Seg model with one SemLA LoRA adapter attached (the original's eval_lora.sh).
 #
 #   sh eval_lora.sh CONFIG NUM_GPUS OUTPUT_DIR [KEY VALUE ...]
 #   sh catseg/eval_lora.sh catseg/configs/acdc/rain/lora-rain-acdc.yaml 1 output/acdc-rain MODEL.LORA.NAME acdc-rain

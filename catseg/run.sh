@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fine-tune CAT-Seg itself, without LoRA (the reference's run.sh, with MODEL.LORA.ENABLED False made explicit).
+# Fine-tune CAT-Seg itself, without LoRA (the original's run.sh, with MODEL.LORA.ENABLED False made explicit).
 #
 #   sh run.sh CONFIG NUM_GPUS OUTPUT_DIR [KEY VALUE ...]
 #

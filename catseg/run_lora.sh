@@ -1,5 +1,5 @@
 #!/bin/sh
-# Train one SemLA LoRA adapter (the reference's run_lora.sh, runnable from any directory).
+# Train one SemLA LoRA adapter (the original's run_lora.sh, runnable from any directory).
 #
 #   sh run_lora.sh CONFIG NUM_GPUS OUTPUT_DIR [KEY VALUE ...]
 #   sh catseg/run_lora.sh catseg/configs/acdc/rain/lora-rain-acdc.yaml 1 output/acdc-rain MODEL.LORA.NAME acdc-rain

@@ -1,4 +1,4 @@
-"""Train or evaluate CAT-Seg and SemLA LoRA adapters (the reference's ``catseg/train_net.py``, without detectron2).
+"""Train or evaluate CAT-Seg and SemLA LoRA adapters (the original's ``catseg/train_net.py``, without detectron2).
 
 Examples (from the repository root; ``run_lora.sh`` / ``eval_lora.sh`` build these commands)::
 
@@ -12,7 +12,7 @@ datasets and classes (``sh run_lora.sh floods.yaml 1 output/floods MODEL.LORA.NA
 
 Paths: a relative ``--config-file`` is taken relative to the current directory, then to ``catseg/``;
 ``OUTPUT_DIR`` is relative to the current directory; ``MODEL.WEIGHTS`` and ``MODEL.LORA.DB_PATH`` are
-relative to ``catseg/`` (the reference's working directory). Datasets are read from ``--data-root`` or
+relative to ``catseg/`` (the original's working directory). Datasets are read from ``--data-root`` or
 ``$DETECTRON2_DATASETS``. Exit status: 0 on success, 1 when the run is refused (bad config, missing data
 or checkpoint, existing adapter, ...), 2 for a usage error.
 """
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help=(
-            "images per forward pass at evaluation; default 1, as the reference. Sliding-window results do not "
+            "images per forward pass at evaluation; default 1, as the original. Sliding-window results do not "
             "depend on it; without TEST.SLIDING_WINDOW, images of different sizes are padded together, which "
             "changes their predictions"
         ),
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_path(given: str) -> Path:
-    """``given`` relative to the current directory, else relative to ``catseg/`` (reference-style paths)."""
+    """``given`` relative to the current directory, else relative to ``catseg/`` (original-style paths)."""
     path = Path(given).expanduser()
     if path.is_absolute() or path.exists():
         return path

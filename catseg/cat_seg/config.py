@@ -1,9 +1,9 @@
 """Configuration of CAT-Seg / SemLA runs: detectron2-style yacs trees, without detectron2.
 
-The tree returned by :func:`get_cfg` holds every key the reference code reads or the reference YAML
-files set, with the reference defaults: the subset of detectron2's ``get_cfg()`` that CAT-Seg
+The tree returned by :func:`get_cfg` holds every key the original code reads or the original YAML
+files set, with the original's defaults: the subset of detectron2's ``get_cfg()`` that CAT-Seg
 inherits, then :func:`add_deeplab_config`, :func:`add_cat_seg_config` and :func:`add_lora_config`,
-in the reference order (as in the original SemLA code).
+in the order of the original SemLA code.
 
 :func:`load_config` gives the semantics detectron2 users expect:
 
@@ -13,11 +13,11 @@ in the reference order (as in the original SemLA code).
   ``ast.literal_eval``, so ``MODEL.SEM_SEG_HEAD.POOLING_SIZES [1,1]`` is a list of ints);
 - unknown keys and wrong types raise :class:`ConfigError`, naming the full key and the file.
 
-Deliberate differences from the reference behaviour (also listed in docs/differences.md):
+Deliberate differences from the original's behaviour (also listed in docs/differences.md):
 
-- ``MODEL.LORA.ENABLED`` defaults to False (the reference defaults to True, so a plain evaluation
+- ``MODEL.LORA.ENABLED`` defaults to False (the original defaults to True, so a plain evaluation
   silently tries to load ``loradb/default``).
-- ``MODEL.LORA.MODULES`` is accepted as an alias of the reference's misspelt ``MODEL.LORA.MODUELS``
+- ``MODEL.LORA.MODULES`` is accepted as an alias of the original's misspelt ``MODEL.LORA.MODUELS``
   in YAML files and overrides; the resolved tree only holds ``MODUELS``.
 - ``MODEL.DEVICE`` defaults to ``"auto"`` (detectron2: ``"cuda"``): the device is picked at run time.
 - Type checks are against the *default* value's type, and list/tuple elements are checked too
@@ -25,7 +25,7 @@ Deliberate differences from the reference behaviour (also listed in docs/differe
 - A few values are validated (:func:`validate_config`): device, prompt-ensemble type, LoRA settings.
 
 Paths inside configs (class JSONs such as ``datasets/cs19.json``) are relative to the ``catseg/``
-folder, as in the reference; :func:`resolve_catseg_path` turns them into absolute paths without
+folder, as in the original; :func:`resolve_catseg_path` turns them into absolute paths without
 looking at the current directory.
 """
 
@@ -91,7 +91,7 @@ class ConfigError(ValueError):
 def reference_lora_target_modules(
     num_visual_layers: int = 24, num_text_layers: int = 12, num_aggregator_layers: int = 2
 ) -> tuple[str, ...]:
-    """The reference's ``MODEL.LORA.MODUELS``: every LoRA target of CAT-Seg (L), by full module path.
+    """The original's ``MODEL.LORA.MODUELS``: every LoRA target of CAT-Seg (L), by full module path.
 
     Order: CLIP visual blocks, then CLIP text blocks (each attn q/k/v, then mlp c_fc/c_proj), then the
     aggregator layers (two swin blocks, each attn q/k/v/proj then mlp fc1/fc2, then the class
@@ -170,7 +170,7 @@ def _detectron2_defaults() -> CfgNode:
     cfg.INPUT.CROP.ENABLED = False
     cfg.INPUT.CROP.TYPE = "relative_range"
     # Fractions for relative crops, pixels (ints) for "absolute". detectron2 writes the default as a list;
-    # a tuple keeps the reference YAMLs' "(384, 384)" a tuple (yacs converts either way).
+    # a tuple keeps the original YAMLs' "(384, 384)" a tuple (yacs converts either way).
     cfg.INPUT.CROP.SIZE = (0.9, 0.9)
     cfg.INPUT.FORMAT = "BGR"
 
@@ -237,7 +237,7 @@ def _detectron2_defaults() -> CfgNode:
 
 
 def add_deeplab_config(cfg: CfgNode) -> None:
-    """Add the DeepLab keys the reference registers first; only the crop's area limit is used.
+    """Add the DeepLab keys the original registers first; only the crop's area limit is used.
 
     Args:
         cfg: the tree to extend in place.
@@ -267,7 +267,7 @@ def add_cat_seg_config(cfg: CfgNode) -> None:
     cfg.MODEL.MASK_FORMER = CfgNode()
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32  # padding of the non-sliding inference path
 
-    # Swin-T backbone keys; only read by the reference's unused D2SwinTransformer backbone.
+    # Swin-T backbone keys; only read by the original's unused D2SwinTransformer backbone.
     cfg.MODEL.SWIN = CfgNode()
     cfg.MODEL.SWIN.PRETRAIN_IMG_SIZE = 224
     cfg.MODEL.SWIN.PATCH_SIZE = 4
@@ -322,12 +322,13 @@ def add_cat_seg_config(cfg: CfgNode) -> None:
 def add_lora_config(cfg: CfgNode) -> None:
     """Add SemLA's ``MODEL.LORA`` keys, as the original SemLA code defines them.
 
-    ``ENABLED`` defaults to False here (the reference: True); ``MODUELS`` keeps the reference's spelling
+    ``ENABLED`` defaults to False here (the original: True); ``MODUELS`` keeps the original's spelling
     and its 214 ViT-L module paths. ``REFERENCE_TRAINING`` is a semla addition (default False): True makes
-    LoRA training reproduce the original trainer's two quirks (REFERENCE.md §6 Q1, Q2): the LoRA on the
-    CLIP attention ``q_proj``/``k_proj``/``v_proj`` is inert (kept in the adapter with its initial A and a
-    zero B, never applied, never trained), and during training both decoder guidance features come from
-    the first guidance block. Evaluation always uses the configured blocks.
+    LoRA training reproduce the original trainer's two quirks (docs/differences.md#q1,
+    docs/differences.md#q2): the LoRA on the CLIP attention ``q_proj``/``k_proj``/``v_proj`` is inert
+    (kept in the adapter with its initial A and a zero B, never applied, never trained), and during
+    training both decoder guidance features come from the first guidance block. Evaluation always uses
+    the configured blocks.
 
     Args:
         cfg: the tree to extend in place.
@@ -365,7 +366,7 @@ def get_cfg() -> CfgNode:
 
 
 def resolve_catseg_path(path: str | os.PathLike[str]) -> Path:
-    """Resolve a path written relative to ``catseg/`` (as in the reference configs).
+    """Resolve a path written relative to ``catseg/`` (as in the original configs).
 
     Args:
         path: e.g. ``"datasets/cs19.json"``; absolute paths (and ``~``) are returned as they are.
@@ -377,7 +378,7 @@ def resolve_catseg_path(path: str | os.PathLike[str]) -> Path:
 
 
 def find_input_path(path: str | os.PathLike[str], *, cwd: str | os.PathLike[str] | None = None) -> Path:
-    """A command-line path that may also be written the reference's way, relative to ``catseg/``.
+    """A command-line path that may also be written the original's way, relative to ``catseg/``.
 
     Args:
         path: as given on the command line.
@@ -641,7 +642,7 @@ def load_config(
     Args:
         config_file: a YAML file, or None for the defaults alone. A relative path is taken as given
             (relative to the caller's CWD, like any command-line path); its ``_BASE_`` files are
-            resolved relative to the file that names them. For reference-style paths relative to
+            resolved relative to the file that names them. For original-style paths relative to
             ``catseg/`` use :func:`resolve_catseg_path` first.
         opts: flat ``[KEY, VALUE, KEY, VALUE, ...]`` overrides; string values are parsed with
             ``ast.literal_eval`` when they are Python literals (``"[1,1]"``, ``"20"``, ``"True"``).
@@ -687,7 +688,7 @@ def load_config(
 def lora_target_modules(cfg: CfgNode) -> list[str]:
     """The LoRA target module names of a config (``MODEL.LORA.MODUELS``), checked.
 
-    An empty list means "the reference's selection for whatever model is built" (CLIP q/k/v/c_fc/c_proj
+    An empty list means "the original's selection for whatever model is built" (CLIP q/k/v/c_fc/c_proj
     of both towers and the aggregator's Linear layers); :func:`cat_seg.lora.resolve_target_modules`
     expands it for a given model (the tiny configs use this).
 
@@ -716,7 +717,7 @@ def lora_target_modules(cfg: CfgNode) -> list[str]:
 def _to_yaml_value(value: Any) -> Any:
     """Encode a leaf so that ``load_config`` decodes it back to the same value and type.
 
-    Tuples are written as Python literals (``"(384,)"``, the reference YAML style) and strings that
+    Tuples are written as Python literals (``"(384,)"``, the original YAML style) and strings that
     would otherwise be parsed as literals (``"2024"``, ``"True"``) as quoted Python strings.
     """
     if isinstance(value, tuple):

@@ -141,12 +141,12 @@ class AdapterError(ValueError):
 
 
 def semla_target_modules(model: nn.Module) -> list[str]:
-    """The reference's LoRA selection for this model's depth.
+    """The original's LoRA selection for this model's depth.
 
     CLIP visual and text blocks (attn ``q_proj``/``k_proj``/``v_proj``, mlp ``c_fc``/``c_proj``) and the
     aggregator layers (swin ``q``/``k``/``v``/``proj``/``fc1``/``fc2``, class attention ``q``/``k``/``v``,
-    ``MLP.0``/``MLP.2``), in the reference's order. For the ``vitl_336`` preset this is exactly the
-    reference's 214-name list.
+    ``MLP.0``/``MLP.2``), in the original's order. For the ``vitl_336`` preset this is exactly the
+    original's 214-name list.
     """
     predictor = model.sem_seg_head.predictor
     return list(
@@ -163,7 +163,7 @@ def resolve_target_modules(names: Sequence[str], model: nn.Module) -> list[str]:
 
     Args:
         names: full module paths relative to the CAT-Seg model (``MODEL.LORA.MODUELS``); empty = the
-            reference's selection for this model (:func:`semla_target_modules`).
+            original's selection for this model (:func:`semla_target_modules`).
         model: the CAT-Seg model the adapters attach to (LoRA-wrapped layers are accepted).
     Returns:
         the target names, each an ``nn.Linear`` of ``model``.
@@ -177,7 +177,7 @@ def resolve_target_modules(names: Sequence[str], model: nn.Module) -> list[str]:
         raise ValueError(
             f"{len(missing)} LoRA target module(s) do not exist in this model "
             f"(e.g. {', '.join(missing[:3])}); MODEL.LORA.MODUELS must match the model preset "
-            "(an empty list selects the reference's modules for any preset)"
+            "(an empty list selects the original's modules for any preset)"
         )
     not_linear = [
         n for n in names if not isinstance(getattr(modules[n], "base_layer", modules[n]), nn.Linear)
@@ -190,7 +190,7 @@ def resolve_target_modules(names: Sequence[str], model: nn.Module) -> list[str]:
 def clip_attention_projections(names: Sequence[str]) -> list[str]:
     """The CLIP attention ``q_proj``/``k_proj``/``v_proj`` modules (image and text towers) among ``names``.
 
-    These are the LoRA targets the original SemLA code never calls (REFERENCE.md §6 Q1): 108 of the 214
+    These are the LoRA targets the original SemLA code never calls (docs/differences.md#q1): 108 of the 214
     for CAT-Seg (L).
     """
     return [n for n in names if _CLIP_ATTENTION_PROJECTION.search(n)]

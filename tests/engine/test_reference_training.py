@@ -1,9 +1,9 @@
 """``MODEL.LORA.REFERENCE_TRAINING``: LoRA training as the original SemLA trainer did it (issue 13).
 
-Two behaviours of the original (REFERENCE.md §6 Q1, Q2) come back in that mode, and only there: the LoRA
-on the CLIP attention q/k/v projections is inert (in the adapter, never applied, B zero), and during
-training both decoder guidance features come from the first guidance block; evaluation uses the
-configured blocks.
+Two behaviours of the original (docs/differences.md#q1, docs/differences.md#q2) come back in that mode,
+and only there: the LoRA on the CLIP attention q/k/v projections is inert (in the adapter, never applied,
+B zero), and during training both decoder guidance features come from the first guidance block;
+evaluation uses the configured blocks.
 """
 
 from __future__ import annotations

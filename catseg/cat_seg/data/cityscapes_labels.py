@@ -33,7 +33,7 @@ def label_id_to_train_id_lut() -> np.ndarray:
 def train_id_to_label_id_lut() -> np.ndarray:
     """(256,) int64 table: trainId 0-18 -> Cityscapes labelId; every other value -> 255.
 
-    This is the mapping the reference's ACDC/Cityscapes evaluators apply to predictions before running
+    This is the mapping the original's ACDC/Cityscapes evaluators apply to predictions before running
     cityscapesScripts: trainIds whose label is ``ignoreInEval`` are skipped and stay 255.
     """
     from cityscapesscripts.helpers.labels import labels

@@ -8,7 +8,7 @@ the original SemLA code; ``root`` is ``$DETECTRON2_DATASETS`` (no trailing slash
 family     images -> labels (``<split>``: train / val unless stated)
 ========== ===================================================================================
 acdc       acdc/rgb_anon/<c>/<split>/<seq>/X_rgb_anon.png -> acdc/gt/<c>/<split>/<seq>/X_gt_labelTrainIds.png
-           (X_rgb_ref_anon.png, if present, -> X_gt_ref_labelTrainIds.png, as the reference pairs them)
+           (X_rgb_ref_anon.png, if present, -> X_gt_ref_labelTrainIds.png, as the original pairs them)
 muses      muses/frame_camera/<split>/<w>/<t>/X_frame_camera.png -> muses/gt_semantic/<split>/<w>/<t>/X_gt_labelTrainIds.png
 cityscapes cityscapes/leftImg8bit/<split>/<city>/X_leftImg8bit.png -> cityscapes/gtFine/<split>/<city>/X_gtFine_labelTrainIds.png
 bdd        bdd100k/images/10k/<split>/X.jpg -> bdd100k/labels/sem_seg/masks/<split>/X.png
@@ -151,7 +151,7 @@ def _scan_by_suffix(
         scan: scan to fill; its ``image_dir``/``label_dir`` are the split folders.
         nested: images live one folder deeper (``<city>``/``<seq>``/``<folder>``), mirrored in labels.
         image_to_label: image-name suffix -> training-label suffix. Any other file in an image folder is
-            unexpected (the reference asserts on it).
+            unexpected (the original asserts on it).
         label_ids_suffix: image-name suffix -> ``*_labelIds.png`` suffix, stored as ``label_ids_file_name``
             (used by the cityscapesScripts-style evaluation; not required to exist).
     """
@@ -292,7 +292,7 @@ def scan_bdd(root: Path, *, split: str, dataset: str = "") -> Scan:
 
 def scan_mapillary(root: Path, *, split: str, dataset: str = "") -> Scan:
     """Mapillary Vistas v1.2; split folders are named ``train`` / ``val`` (the official
-    ``training`` / ``validation`` must be renamed or symlinked, as in the reference)."""
+    ``training`` / ``validation`` must be renamed or symlinked, as in the original)."""
     _check_split(split)
     root = Path(root)
     image_dir = root / "mapillary_vistas" / split / "images"
@@ -327,7 +327,7 @@ def nyu_split_file(root: Path, split: str, splits_dir: Path | None = None) -> Pa
     """The NYUv2 split file for ``split`` (train -> ``train.txt``, val -> ``test.txt``).
 
     Resolution order: ``splits_dir`` when given; else ``<root>/nyudv2/<file>`` when it exists (where the
-    reference reads it); else the repository's ``misc/nyudv2_splits/<file>`` (795 / 654 lines).
+    original reads it); else the repository's ``misc/nyudv2_splits/<file>`` (795 / 654 lines).
     """
     _check_split(split)
     name = "train.txt" if split == "train" else "test.txt"
@@ -381,7 +381,7 @@ def scan_coconut(root: Path, *, split: str, dataset: str = "") -> Scan:
     """COCONut-L semantic labels (133 contiguous ids) next to the COCO images.
 
     When ``coco/annotations/panoptic_<split>2017.json`` exists, its ``annotations`` list defines the
-    images (as in the reference, including ``object365_file_name`` entries); otherwise every label PNG in
+    images (as in the original, including ``object365_file_name`` entries); otherwise every label PNG in
     ``panoptic_semseg_<split>2017`` defines one image. Extra images without a label are expected (the image
     folder is shared with other COCO tasks) and are not an error.
     """

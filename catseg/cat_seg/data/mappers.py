@@ -5,9 +5,9 @@ Output dicts (the model receives a list of them):
 
 - test: ``{"image": (3, H', W') uint8, "height", "width", "file_name", "sem_seg": (H, W) int64, ...}``.
   ``height``/``width`` are the size the model returns its prediction at (the original image size, or
-  512x1024 for the Cityscapes variant as in the reference); ``sem_seg`` is the label at its
+  512x1024 for the Cityscapes variant as in the original); ``sem_seg`` is the label at its
   **original** resolution (what evaluation compares against). A prediction of another size is brought
-  to ``sem_seg``'s size with ``transforms.resize_nearest_exact`` (the reference's
+  to ``sem_seg``'s size with ``transforms.resize_nearest_exact`` (the original's
   ``ResizedCityscapesSemSegEvaluator`` does exactly this, 512x1024 -> 1024x2048).
 - train: ``{"image": (3, S, S) uint8, "sem_seg": (S, S) int64, "file_name", ...}`` after resize, crop,
   colour jitter, flip and padding (image with 128, label with the ignore id).
@@ -30,7 +30,7 @@ from .io import DatasetError, check_label_values, read_image, read_label
 logger = logging.getLogger(__name__)
 
 CITYSCAPES_RESIZE = (1024, 512)
-"""(width, height) of the reference's ``resized_mask_former_semantic`` mappers."""
+"""(width, height) of the original's ``resized_mask_former_semantic`` mappers."""
 
 IMAGE_PAD_VALUE = 128
 
@@ -80,7 +80,7 @@ class SemSegTestMapper:
         ignore_label: the dataset's ignore id (for the optional value check).
         num_classes: when given, label ids outside [0, num_classes) other than ``ignore_label`` raise.
         resize_to: (width, height) nearest-exact resize of the image first (Cityscapes: (1024, 512));
-            ``height``/``width`` of the output are then that size, as in the reference.
+            ``height``/``width`` of the output are then that size, as in the original.
         load_label: read ``sem_seg_file_name`` when the record has one.
     """
 
@@ -237,7 +237,7 @@ def mapper_from_cfg(
     for the Cityscapes 1024x512 variant), ``INPUT.{MIN,MAX}_SIZE_{TRAIN,TEST}``,
     ``INPUT.MIN_SIZE_TRAIN_SAMPLING``, ``INPUT.CROP.{ENABLED,TYPE,SIZE,SINGLE_CATEGORY_MAX_AREA}``,
     ``INPUT.COLOR_AUG_SSD``, ``INPUT.SIZE_DIVISIBILITY``, ``INPUT.FORMAT`` and
-    ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``. ``NUM_CLASSES`` is deliberately not read (the reference does not
+    ``MODEL.SEM_SEG_HEAD.IGNORE_VALUE``. ``NUM_CLASSES`` is deliberately not read (the original does not
     use it and it is wrong for IDD); pass ``num_classes`` (length of the class JSON) to check label ids.
 
     Args:

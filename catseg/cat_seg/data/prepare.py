@@ -1,7 +1,7 @@
 """Preparation of label folders the loaders expect but the official downloads do not ship.
 
 ``prepare_ade20k`` converts the official ADE20K-150 ``annotations/`` (0 = "other", k = class k) into
-``annotations_detectron2/`` (k -> k - 1, 0 -> 255), the folder the reference's
+``annotations_detectron2/`` (k -> k - 1, 0 -> 255), the folder the original's
 ``prepare_ade20k_sem_seg.py`` writes and ``a150_sem_seg_*`` reads.
 
 Command line: ``python -m cat_seg.data.prepare ade20k --root DIR``.

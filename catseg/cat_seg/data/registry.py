@@ -5,7 +5,7 @@ reads); nothing is registered anywhere at import. Domains of your own are added 
 ``register_domain_spec`` (see :mod:`cat_seg.data.domain_spec`). The dataset root is always an argument; ``default_root``
 reads ``$DETECTRON2_DATASETS`` and is meant to be called from a CLI ``main`` only.
 
-Dataset names are the reference's: ``f"{domain}_sem_seg_{split}"`` with split ``train`` or ``val``
+Dataset names are the original's: ``f"{domain}_sem_seg_{split}"`` with split ``train`` or ``val``
 (``acdc-rain_sem_seg_val``, ``muses-clear-day_sem_seg_train``, ``coconutL_sem_seg_val``...).
 """
 
@@ -48,7 +48,7 @@ class DatasetSpec:
         eval_label_kind: which ids the label maps returned by the loader hold.
         metric_convention: ``cityscapes`` (a class absent from the ground truth but predicted scores IoU 0;
             cityscapesScripts) or ``detectron2`` (mean over classes present in the ground truth).
-        evaluator_type: the reference's ``MetadataCatalog`` ``evaluator_type``.
+        evaluator_type: the original's ``MetadataCatalog`` ``evaluator_type``.
         resize_to: (width, height) to which image and label are resized with nearest interpolation before
             any other transform (cs-normal: 1024x512), or None.
 
@@ -203,7 +203,7 @@ def _domain_table() -> dict[str, _DomainInfo]:
         class_json="datasets/nyu40.json",
         num_classes=40,
         ignore_label=255,
-        label_format="8-bit PNG of NYUv2-40 ids used as stored, 255 assumed ignore (unverified in the reference)",
+        label_format="8-bit PNG of NYUv2-40 ids used as stored, 255 assumed ignore (unverified in the original)",
         eval_label_kind="contiguous ids",
         metric_convention="detectron2",
         evaluator_type="sem_seg",
@@ -267,7 +267,7 @@ class UnknownDatasetError(KeyError):
 
 _SPEC_HINT = (
     " (a domain of your own is known once its spec is registered: DATASETS.SPECS [FILE], the spec file as "
-    'the config, or --domain_spec FILE; see docs/own_domain.md)'
+    "the config, or --domain_spec FILE; see docs/own_domain.md)"
 )
 
 

@@ -461,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout",
         required=True,
         choices=[*WRITERS, "all", "own"],
-        help='layout to write, all of them, or own: a domain of your own with its spec (docs/own_domain.md; '
-        '2 x --num-images train and --num-images val images, classes water, road, sky)',
+        help="layout to write, all of them, or own: a domain of your own with its spec (docs/own_domain.md; "
+        "2 x --num-images train and --num-images val images, classes water, road, sky)",
     )
     parser.add_argument("--root", required=True, type=Path, help="dataset root to write into")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """Geometric and photometric transforms of the CAT-Seg data pipeline, as pure numpy/torch functions.
 
-They reproduce the detectron2 behaviour the reference relies on (sizes, interpolation, sampling order)
+They reproduce the detectron2 behaviour the original relies on (sizes, interpolation, sampling order)
 without detectron2 or OpenCV. All randomness comes from a ``numpy.random.Generator`` argument.
 
 Conventions: images are (H, W, 3) uint8 arrays, labels (H, W) integer arrays, sizes are (height, width)
@@ -172,7 +172,7 @@ def padded_size(height: int, width: int, size_divisibility: int) -> tuple[int, i
     """Size after right/bottom padding: each side rounded up to a multiple of ``size_divisibility``.
 
     For inputs no larger than ``size_divisibility`` (always the case after the 384 crop) this is exactly
-    ``size_divisibility``, which is what the reference pads to.
+    ``size_divisibility``, which is what the original pads to.
     """
     if size_divisibility <= 0:
         return height, width

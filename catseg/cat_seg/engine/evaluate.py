@@ -3,11 +3,11 @@
 :func:`evaluate_datasets` is what ``train_net.py`` runs on ``DATASETS.TEST``; the SemLA orchestrator can
 reuse it, or :func:`inference_on_dataset` with its own loader and evaluator. Per dataset:
 
-1. the class-text features are computed once (the reference caches them too) and passed to every
+1. the class-text features are computed once (the original caches them too) and passed to every
    forward pass;
 2. each image is predicted at the size its record asks for (the original size; 512x1024 for the
    resized Cityscapes mapper, whose predictions are then brought to the 1024x2048 label with a
-   nearest-exact resize, as the reference's ``ResizedCityscapesSemSegEvaluator`` does);
+   nearest-exact resize, as the original's ``ResizedCityscapesSemSegEvaluator`` does);
 3. the argmax of the class probabilities is compared with the label at its original size by
    :class:`~cat_seg.evaluation.SemSegEvaluator`, with the metric convention of the dataset
    (cityscapesScripts ``IoU`` for ACDC, MUSES and Cityscapes; detectron2 ``mIoU`` otherwise).
@@ -103,7 +103,7 @@ def check_vocabulary(model_class_names: Sequence[str], dataset: str, *, source: 
 def build_eval_loader(
     records: Sequence[dict[str, Any]], mapper: Any, *, batch_size: int = 1, num_workers: int = 0
 ) -> DataLoader:
-    """Sequential loader over this rank's contiguous shard (batch size 1 as the reference, or more)."""
+    """Sequential loader over this rank's contiguous shard (batch size 1 as the original, or more)."""
     if batch_size < 1:
         raise ValueError(f"evaluation batch size must be >= 1, got {batch_size}")
     if batch_size == 1:
@@ -218,7 +218,7 @@ def evaluate_datasets(
         records: preloaded records per dataset name (else :func:`~cat_seg.data.load_records`).
         output_dir: when given, rank 0 writes ``<output_dir>/inference/<dataset>/metrics.json``
             (atomically): ``{"dataset", "metric", "value", "sem_seg": {...}}`` plus ``extra``.
-        batch_size: images per forward pass (the reference: 1).
+        batch_size: images per forward pass (the original: 1).
         num_workers: loader workers; default ``DATALOADER.NUM_WORKERS``.
         extra: more keys for ``metrics.json`` (e.g. the iteration).
     Returns:

@@ -1,6 +1,6 @@
 """Attach, save and load LoRA adapters on a CAT-Seg model (SemLA's ``loradb/<name>/``).
 
-An adapter is stored the way the reference stores it (PEFT ``save_pretrained``)::
+An adapter is stored the way the original stores it (PEFT ``save_pretrained``)::
 
     <DB_PATH>/<NAME>/adapter_config.json          LoraConfig: r, lora_alpha, target_modules, ...
     <DB_PATH>/<NAME>/adapter_model.safetensors    base_model.model.<module>.lora_A.weight (r, in)
@@ -14,14 +14,14 @@ that every ``run_lora.sh`` / ``eval_lora.sh`` used to pay). Settings the native 
 return either kind of model, with the same interface (``get_base_model``, ``peft_config``,
 ``save_pretrained``, PEFT's parameter names).
 
-Differences from the reference (deliberate):
+Differences from the original (deliberate):
 
 - :func:`save_adapter` writes into a temporary folder inside ``DB_PATH`` and renames the finished
   ``<NAME>/`` into place, so an interrupted save never leaves a half-written adapter, and it refuses to
-  replace an existing adapter unless asked to. PEFT's model card (``README.md``), which the reference
+  replace an existing adapter unless asked to. PEFT's model card (``README.md``), which the original
   leaves at the library root, is not written.
 - ``target_modules`` in ``adapter_config.json`` is the full list of module paths, in config order, as
-  the reference's PEFT 0.10 wrote it (newer PEFT would shorten lists of 20+ names to suffixes).
+  the original's PEFT 0.10 wrote it (newer PEFT would shorten lists of 20+ names to suffixes).
 - Because our CLIP attention calls its ``q_proj``/``k_proj``/``v_proj`` Linear modules, LoRA on them
   trains and takes effect (in the original SemLA code they are inert). ``MODEL.LORA.REFERENCE_TRAINING
   True`` restores the original: those targets keep the adapter (same tensor names and shapes in the file)
@@ -107,7 +107,7 @@ def validate_adapter_name(name: str) -> str:
 
 
 def adapter_dir(db_path: str | os.PathLike[str], name: str) -> Path:
-    """``<db_path>/<name>``, the folder of one adapter (no trailing-slash rules, unlike the reference)."""
+    """``<db_path>/<name>``, the folder of one adapter (no trailing-slash rules, unlike the original)."""
     return Path(db_path) / validate_adapter_name(name)
 
 
@@ -173,7 +173,7 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
     """Wrap ``model`` with a new, trainable adapter ``MODEL.LORA.NAME``.
 
     The targets are ``MODEL.LORA.MODUELS`` checked against the model (an empty list selects the
-    reference's modules for this preset). Every other parameter is frozen, so only the LoRA factors
+    original's modules for this preset). Every other parameter is frozen, so only the LoRA factors
     train (their count and size are logged; the names at DEBUG level). LoRA A is Kaiming-initialised
     from the torch RNG exactly as PEFT draws it and B is zero, so the new model computes what
     ``model`` did.
@@ -183,11 +183,11 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
     in that case).
 
     With ``MODEL.LORA.REFERENCE_TRAINING`` the model is prepared as the original trainer had it
-    (REFERENCE.md §6 Q1, Q2): the targets on the CLIP attention q/k/v projections are inert
-    (:meth:`~cat_seg.lora.LoraModel.add_adapter`: they hold the adapter, initialised and "trainable" as
-    in the original, but never apply it, so they get no gradient and B stays zero), and in training mode
-    both decoder guidance features come from the first guidance block (``CATSeg.train_guidance_layers``);
-    in eval mode the model uses its configured blocks.
+    (docs/differences.md#q1, docs/differences.md#q2): the targets on the CLIP attention q/k/v projections
+    are inert (:meth:`~cat_seg.lora.LoraModel.add_adapter`: they hold the adapter, initialised and
+    "trainable" as in the original, but never apply it, so they get no gradient and B stays zero), and in
+    training mode both decoder guidance features come from the first guidance block
+    (``CATSeg.train_guidance_layers``); in eval mode the model uses its configured blocks.
 
     Args:
         model: a ``CATSeg`` with its base weights loaded (modified in place: LoRA layers are injected).
@@ -213,7 +213,7 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
         logger.info("LoRA options %s: the adapter is built by PEFT", ", ".join(peft_only))
         adapted: AdaptedModel = get_peft_model(model, lora_config_from_cfg(cfg, targets), adapter_name=name)
         # PEFT >= 0.13 may replace a long target list by suffixes in the live config; keep the exact
-        # paths, which is what gets saved to adapter_config.json (as the reference's PEFT 0.10 did).
+        # paths, which is what gets saved to adapter_config.json (as the original's PEFT 0.10 did).
         adapted.peft_config[name].target_modules = list(targets)
     else:
         adapted = LoraModel(model)

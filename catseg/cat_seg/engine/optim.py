@@ -9,7 +9,7 @@ with ``requires_grad`` (each tensor once, even when shared):
   ``WEIGHT_DECAY_NORM`` for parameters of normalisation layers; ``WEIGHT_DECAY_EMBED`` for
   ``nn.Embedding``.
 
-The reference makes one group per tensor; here tensors with the same (lr, weight decay) share a group,
+The original makes one group per tensor; here tensors with the same (lr, weight decay) share a group,
 which gives the same updates (AdamW and SGD treat the parameters of a group independently).
 """
 
@@ -179,7 +179,7 @@ class GradientClipper:
     """Gradient clipping of ``SOLVER.CLIP_GRADIENTS``.
 
     - ``full_model``: one ``clip_grad_norm_`` over all parameters, max norm ``clip_value`` (CAT-Seg's
-      ``maybe_add_full_model_gradient_clipping``; the reference configs use 0.01);
+      ``maybe_add_full_model_gradient_clipping``; the original configs use 0.01);
     - ``value`` / ``norm``: detectron2's per-parameter ``clip_grad_value_`` / ``clip_grad_norm_``.
     """
 

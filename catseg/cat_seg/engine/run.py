@@ -81,7 +81,7 @@ class RunOptions:
         dist_url: rendezvous of spawned processes (``auto`` = a free local port).
         progress: show a progress bar on rank 0.
         log_period: iterations between log lines and metric records.
-        eval_batch_size: images per forward pass at evaluation (the reference: 1).
+        eval_batch_size: images per forward pass at evaluation (the original: 1).
         check_data: open every image and label of the run's datasets before anything runs (a corrupt
             file is found before the first step, not at iteration N).
         argv: the command-line arguments, recorded in ``run_info.json``.
@@ -158,8 +158,8 @@ def resolve_run_paths(cfg: CfgNode, *, cwd: str | os.PathLike[str]) -> CfgNode:
     """Make the run's paths absolute, without looking at the process's current directory.
 
     ``OUTPUT_DIR`` is a command-line path: relative to ``cwd`` (the caller's directory). ``MODEL.WEIGHTS``
-    and ``MODEL.LORA.DB_PATH`` are reference paths (``models/model_final.pth``, ``loradb/``): relative to
-    the ``catseg/`` folder, the reference's working directory.
+    and ``MODEL.LORA.DB_PATH`` are the original's paths (``models/model_final.pth``, ``loradb/``): relative to
+    the ``catseg/`` folder, the original's working directory.
 
     Returns:
         a frozen copy of ``cfg``.
@@ -383,7 +383,7 @@ def _configure_torch(device: torch.device, world_size: int) -> None:
         # any machine pins it: CPU kernels' results can depend on the thread count).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if device.type == "cuda":
-        # As the reference's set_random_seed and main(): deterministic cuDNN, TF32 matmuls.
+        # As the original's set_random_seed and main(): deterministic cuDNN, TF32 matmuls.
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.set_float32_matmul_precision("high")

@@ -4,7 +4,7 @@ A schedule gives a *multiplier* of each parameter group's initial learning rate 
 (0-based: iteration ``i`` is the ``i``-th optimizer step). Supported ``SOLVER.LR_SCHEDULER_NAME`` values:
 
 - ``WarmupCosineLR`` and ``WarmupMultiStepLR``: detectron2's ``build_lr_scheduler`` (detectron2 >= 0.6,
-  what the reference runs), i.e. ``LRMultiplier(WarmupParamScheduler(main, ...))`` evaluated at
+  what the original runs), i.e. ``LRMultiplier(WarmupParamScheduler(main, ...))`` evaluated at
   ``where = i / MAX_ITER``. The main schedule is a cosine from 1 to ``BASE_LR_END / BASE_LR`` or a step
   function ``GAMMA ** k`` at ``STEPS``. The warm-up covers ``where < WARMUP_ITERS / MAX_ITER``; there,
   ``linear`` *interpolates* from ``WARMUP_FACTOR * main(0)`` to ``main(WARMUP_ITERS / MAX_ITER)`` (the
