@@ -23,9 +23,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-logger = logging.getLogger("experiments")
+from domain_orchestrator.settings import EXPERIMENTS  # light: no torch
 
-EXPERIMENTS = ("zeroshot", "oracle", "uniform", "semla")
+logger = logging.getLogger("experiments")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ from cat_seg.lora import semla_target_modules
 from cat_seg.modeling import build_model
 from domain_orchestrator.fusion import fused_adapters, fused_text_features
 from domain_orchestrator.library import AdapterLibrary
+from domain_orchestrator.prototypes import load_prototypes
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch = [{"image": im, "height": side, "width": side} for im in images]
         text = model.text_features()  # cached once, as the original code does
         embeddings = torch.from_numpy(rng.normal(size=(args.batch, 768))).to(device)
-        weights = semla_weights(scores(embeddings, library.prototypes), args.top_k, 0.05)  # (B, N)
+        prototypes = torch.from_numpy(load_prototypes(root, names).vectors).to(device)
+        weights = semla_weights(scores(embeddings, prototypes), args.top_k, 0.05)  # (B, N)
 
         def zero_shot() -> None:
             model(one, text_features=text)

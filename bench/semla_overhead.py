@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shapes = linear_shapes(model, semla_target_modules(model))
         for i, name in enumerate(names):
             write_random_adapter(root / "loradb" / name, shapes, rank=8, alpha=16, seed=i)
-        library = AdapterLibrary.open(root / "loradb", names, model=model, statistics=False, device=device)
+        library = AdapterLibrary.open(root / "loradb", names, model=model, device=device)
         embedder = load_embedder(str(write_hf_clip(root / "clip", vision)), device=device)
         log(f"model {args.preset}, embedder {embedder.identity['name']} ({embedder.dim}-d), {library}")
         rng = np.random.default_rng(0)

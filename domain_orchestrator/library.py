@@ -1,4 +1,4 @@
-"""The adapter library: one PEFT LoRA adapter per training domain, plus its CLIP prototype.
+"""The adapter library: one PEFT LoRA adapter per training domain (its prototype: :mod:`.prototypes`).
 
 On disk (the layout of the released SemLA ``loradb`` and of our training)::
 
@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -35,9 +34,6 @@ from cat_seg.lora import (
     read_adapter,
     read_training_record,
 )
-
-from .prototypes import StatisticsError, read_statistics
-from .retrieval import scores
 
 logger = logging.getLogger(__name__)
 
@@ -130,14 +126,13 @@ def _pair_tensors(tensors: dict[str, Tensor], name: str) -> dict[str, tuple[Tens
 
 
 class AdapterLibrary:
-    """Validated, stacked LoRA adapters and their domain prototypes.
+    """Validated, stacked LoRA adapters (their domains' prototypes: :func:`.prototypes.load_prototypes`).
 
     Use :meth:`open` to read a ``loradb/`` folder. Attributes:
         names: adapter (domain) names, in library order (= column order of weight matrices).
         infos: per-adapter metadata.
         layers: target module name -> :class:`LayerStack`.
         scalings: (N,) LoRA scaling of each adapter.
-        prototypes: (N, D) domain prototypes, or None when opened without statistics.
     """
 
     def __init__(
@@ -145,15 +140,11 @@ class AdapterLibrary:
         *,
         infos: Sequence[AdapterInfo],
         layers: dict[str, LayerStack],
-        prototypes: Tensor | None,
     ) -> None:
         self.infos = list(infos)
         self.names = [info.name for info in self.infos]
         self.layers = layers
         self.scalings = torch.tensor([info.scaling for info in self.infos], dtype=torch.float64)
-        self.prototypes = prototypes
-        # |p|^2 in float64, cached for the 1 / Euclidean-distance score.
-        self.prototype_sq_norms = None if prototypes is None else (prototypes.double() ** 2).sum(dim=1)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -180,16 +171,7 @@ class AdapterLibrary:
         for stack in self.layers.values():
             stack.A = stack.A.to(device=device, dtype=dtype)
             stack.B = stack.B.to(device=device, dtype=dtype)
-        if self.prototypes is not None and device is not None:
-            self.prototypes = self.prototypes.to(device)
-            self.prototype_sq_norms = self.prototype_sq_norms.to(device)
         return self
-
-    def scores(self, embedding: Tensor, measure: str = "euclidean") -> Tensor:
-        """Scores of images against this library's prototypes ((B, D) -> (B, N), higher = closer)."""
-        if self.prototypes is None:
-            raise ValueError("this library was opened without statistics: no prototypes to score against")
-        return scores(embedding.to(self.prototypes.device), self.prototypes, measure, self.prototype_sq_norms)
 
     def num_parameters(self) -> int:
         return sum(s.A.numel() + s.B.numel() for s in self.layers.values())
@@ -201,7 +183,6 @@ class AdapterLibrary:
         names: Sequence[str] | None = None,
         *,
         model: nn.Module | None = None,
-        statistics: bool = True,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> AdapterLibrary:
@@ -213,7 +194,6 @@ class AdapterLibrary:
                 ``adapter_config.json``, sorted by name.
             model: the base model the adapters will be fused into; when given, every target module must
                 exist there as an ``nn.Linear`` with matching shapes.
-            statistics: also read each ``<name>_statistics.npz`` prototype (all of the same dimension).
             device, dtype: where and how to hold the stacked tensors.
         Raises:
             AdapterLibraryError: naming each adapter that cannot be used and why (all of them, after
@@ -233,16 +213,10 @@ class AdapterLibrary:
 
         infos: list[AdapterInfo] = []
         factors: list[dict[str, tuple[Tensor, Tensor]]] = []
-        prototypes: list[np.ndarray] = []
         problems: list[str] = []
         for name in names:
             try:
                 info, pairs = _read_adapter(root / name, name, modules)
-                if statistics:
-                    try:
-                        prototypes.append(read_statistics(info.folder, name))
-                    except StatisticsError as e:
-                        raise AdapterLibraryError(f"adapter {name!r}: {e}") from None
             except AdapterLibraryError as e:
                 problems.append(str(e))
                 continue
@@ -256,16 +230,8 @@ class AdapterLibrary:
                 + "\n".join(f"  - {p}" for p in problems)
             )
 
-        proto = None
-        if statistics:
-            dims = {p.shape[0] for p in prototypes}
-            if len(dims) != 1:
-                detail = ", ".join(f"{n}: {p.shape[0]}" for n, p in zip(names, prototypes))
-                raise AdapterLibraryError(f"statistics of different dimensions in one library ({detail})")
-            proto = torch.from_numpy(np.stack(prototypes)).to(device)
-
         layers = _stack(factors, device=device, dtype=dtype)
-        library = cls(infos=infos, layers=layers, prototypes=proto)
+        library = cls(infos=infos, layers=layers)
         logger.info(
             "opened %r from %s (%.1fM LoRA parameters)", library, root, library.num_parameters() / 1e6
         )

@@ -98,7 +98,7 @@ class Session:
             if plan.library_names:
                 try:
                     library = AdapterLibrary.open(
-                        plan.library_path, plan.library_names, model=model, statistics=False, device=device
+                        plan.library_path, plan.library_names, model=model, device=device
                     )
                 except AdapterLibraryError as e:
                     problems.append(str(e))

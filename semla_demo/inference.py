@@ -116,7 +116,7 @@ class Segmenter:
         from domain_orchestrator.library import AdapterLibrary
         from domain_orchestrator.prototypes import load_prototypes
 
-        library = AdapterLibrary.open(lora_library_path, model=model, statistics=False, device=device)
+        library = AdapterLibrary.open(lora_library_path, model=model, device=device)
         embedder, prototypes = None, None
         if embedding_model is not None:
             from domain_orchestrator.embedding import load_embedder

@@ -115,7 +115,7 @@ def _model_and_library(base: Path, library_path: Path, domains: list[str]):  # n
     model = build_model(_eval_config(domains[0], base), "cpu")
     load_checkpoint(model, base)
     model.eval()
-    return model, AdapterLibrary.open(library_path, domains, model=model, statistics=False)
+    return model, AdapterLibrary.open(library_path, domains, model=model)
 
 
 def transfer_matrix(
@@ -132,7 +132,8 @@ def transfer_matrix(
     from cat_seg.engine.evaluate import label_prediction, reported_metric
     from cat_seg.evaluation import SemSegEvaluator
     from domain_orchestrator.domains import get_domain
-    from domain_orchestrator.fusion import fused_adapters, fused_text_features
+    from domain_orchestrator.fusion import fused_text_features
+    from domain_orchestrator.step import segment
 
     model, library = _model_and_library(base, library_path, domains)
     matrix = np.zeros((len(domains), len(domains)))
@@ -154,8 +155,7 @@ def transfer_matrix(
                     convention=spec.metric_convention,
                 )
                 for batch in batches:
-                    with fused_adapters(model, library, weights):
-                        outputs = model(batch, text_features=text)
+                    outputs = segment(model, library, batch, weights, text_features=text)
                     for o, x in zip(outputs, batch):
                         evaluator.process(
                             label_prediction(
@@ -276,8 +276,8 @@ def example_predictions(
     from cat_seg.data import load_records, mapper_from_cfg
     from cat_seg.engine.evaluate import label_prediction
     from domain_orchestrator.domains import get_domain
-    from domain_orchestrator.fusion import fused_adapters, fused_text_features
     from domain_orchestrator.retrieval import uniform_weights
+    from domain_orchestrator.step import segment
 
     semla = _read(leave_one_out / "semla" / "weights.json")
     model, library = _model_and_library(base, library_path, domains)
@@ -294,13 +294,10 @@ def example_predictions(
             for name, w in zip(entry["adapters"], entry["weights"]):
                 w_semla[0, domains.index(name)] = w
             w_uniform = uniform_weights(len(domains), exclude=[domains.index(target)])
-            preds = {}
-            text = model.text_features()
-            preds["zeroshot"] = model([x], text_features=text)[0]["sem_seg"]
-            for method, w in (("uniform", w_uniform), ("semla", w_semla)):
-                text = fused_text_features(model, library, w)
-                with fused_adapters(model, library, w):
-                    preds[method] = model([x], text_features=text)[0]["sem_seg"]
+            preds = {
+                method: segment(model, library, [x], w)[0]["sem_seg"]
+                for method, w in (("zeroshot", None), ("uniform", w_uniform), ("semla", w_semla))
+            }
             examples.append(
                 {
                     "target": target,

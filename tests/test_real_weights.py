@@ -48,7 +48,11 @@ def test_released_adapters_validate_against_the_model(vitl) -> None:  # noqa: AN
     if not root.is_dir():
         pytest.skip(f"{root} not present")
     names = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
-    with_stats = all((root / n / f"{n}_statistics.npz").is_file() for n in names)
-    library = AdapterLibrary.open(root, names, model=vitl, statistics=with_stats)
+    library = AdapterLibrary.open(root, names, model=vitl)
     assert len(library) == len(names) > 0
     assert len(library.layers) == 214
+    if all((root / n / f"{n}_statistics.npz").is_file() for n in names):
+        from domain_orchestrator.prototypes import load_prototypes
+
+        found = load_prototypes(root, names)
+        assert found.problems == [] and found.vectors.shape[0] == len(names)

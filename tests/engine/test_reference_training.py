@@ -267,7 +267,7 @@ def test_a_reference_run_records_the_mode_and_its_adapter_is_evaluated_with_the_
 
     # PEFT loads the folder (the extra file is ignored); the library reports the mode.
     PeftModel.from_pretrained(build_model(_cfg(), "cpu"), str(adapter), adapter_name="x")
-    library = AdapterLibrary.open(db, statistics=False)
+    library = AdapterLibrary.open(db)
     assert [i.reference_training for i in library.infos] == [True]
 
 
