@@ -101,7 +101,7 @@ def _generate(*args: str) -> list[str]:
     return [*args, "--device", "cpu", "--num_workers", "0", "--no_progress"]
 
 
-def test_statistics_from_a_folder_record_the_embedder_and_refuse_mixing(
+def test_statistics_from_a_folder_record_the_embedder_and_equal_those_of_the_spec(
     own: Path,
     tmp_path: Path,
     tiny_clip: Path,

@@ -221,15 +221,8 @@ def build_catseg(
 def build_catseg_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> CATSeg:
     """Build CAT-Seg from a config on ``device`` (random weights; load a checkpoint afterwards).
 
-    The builder of ``MODEL.META_ARCHITECTURE: "CATSeg"``; call it through :func:`build_model`.
-
-    Args:
-        cfg: a config from :func:`cat_seg.config.load_config`.
-        device: where to allocate; ``"meta"`` builds shapes only (no memory), e.g. to check ViT-L names.
-        class_names: read ``MODEL.SEM_SEG_HEAD.TRAIN_CLASS_JSON`` / ``TEST_CLASS_JSON`` (relative paths
-            resolve against the ``catseg/`` folder) and tokenise them.
-    Returns:
-        the model in training mode, with CAT-Seg's ``CLIP_FINETUNE`` trainability applied.
+    The builder of ``MODEL.META_ARCHITECTURE: "CATSeg"``; call it through :func:`build_model` (same
+    arguments). Returns the model in training mode, with CAT-Seg's ``CLIP_FINETUNE`` trainability applied.
     """
     kwargs = model_kwargs_from_cfg(cfg)
     with torch.device(device):
