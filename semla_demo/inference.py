@@ -17,10 +17,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .common import METHODS as DEMO_METHODS
+
 logger = logging.getLogger(__name__)
 
 Method = Literal["zeroshot", "uniform", "semla"]
-METHODS: tuple[str, ...] = ("zeroshot", "uniform", "semla")
+#: What one image can be segmented with: the demo's methods but the oracle (an image has no known domain).
+METHODS: tuple[str, ...] = tuple(m for m in DEMO_METHODS if m != "oracle")
 
 
 @dataclass
