@@ -63,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--semla_config",
         type=Path,
-        help="YAML with distance_measure_name (euclidean|cosine), temperature, top_k, combination_type (cat)",
+        nargs="+",
+        metavar="FILE",
+        help="YAML with distance_measure_name (euclidean|cosine), temperature, top_k, combination_type (cat); "
+        "several files or a folder of them: one semla-<file stem> column each, in one pass (ablations)",
     )
     parser.add_argument(
         "--output_dir", type=Path, default=Path("results"), help="output folder (default: results)"
@@ -167,6 +170,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return report_errors("experiments.py", lambda: _main(args, argv), debug=args.debug)
 
 
+def _semla_configs(given: list[Path] | None) -> dict[str, object]:
+    """One ``--semla_config`` file: the ``semla`` column; several files or a folder: one column each."""
+    if not given:
+        return {"semla_config": None}
+    if len(given) == 1 and not given[0].is_dir():
+        return {"semla_config": given[0]}
+    files: list[Path] = []
+    for path in given:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"--semla_config {path}: no *.yaml file in this folder")
+            files += found
+        else:
+            files.append(path)
+    return {"semla_config": None, "semla_configs": tuple(p.absolute() for p in files)}
+
+
 def _main(args: argparse.Namespace, argv: list[str]) -> int:
     from cat_seg.engine.launch import launch, torchrun_world
     from cat_seg.engine.setup import device_type, logging_to
@@ -187,7 +208,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         output_dir=args.output_dir.absolute(),
         model_weights=args.model_weights,
         lora_library_path=args.lora_library_path,
-        semla_config=args.semla_config,
+        **_semla_configs(args.semla_config),
         remove_target_adapter=args.remove_target_adapter,
         embedding_model=args.embedding_model,
         datasets_root=root,

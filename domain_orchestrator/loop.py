@@ -47,7 +47,7 @@ from .prototypes import load_prototypes
 from .reporting import RUN_CONFIG_FILE, ImageWeights, ResultsBook, format_summary
 from .resume import RESUME_DIR, ResumeState, load_resume_state, resume_file, save_resume_state
 from .retrieval import uniform_weights
-from .settings import ExperimentError
+from .settings import ExperimentError, is_semla
 from .step import kept_adapters, retrieve, segment
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,12 @@ class _Job:
     state: ResumeState
     evaluators: dict[str, SemSegEvaluator]
     fixed: dict[str, torch.Tensor] = field(default_factory=dict)  # oracle / uniform: (1, N)
-    semla_rows: torch.Tensor | None = None  # (n, N) one row per image of the shard
-    first_row: torch.Tensor | None = None  # --text_features reference: the target's first image's row
+    semla_rows: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # per semla column: (n, N), one row per image
+    first_row: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # --text_features reference: first image's
     uniform_record: dict[str, float] = field(default_factory=dict)
     shared_text: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -113,7 +117,7 @@ class Session:
             )
         self.embedder = None
         self.prototypes: torch.Tensor | None = None
-        if "semla" in plan.experiments:
+        if any(is_semla(e) for e in plan.experiments):
             first_model = next(iter(self.models.values()))
             self.embedder, self.prototypes = self._retrieval_setup(first_model, problems)
         if problems:
@@ -146,19 +150,20 @@ class Session:
     # -- one target ----------------------------------------------------------------------------------
     def run_target(
         self, target: TargetPlan
-    ) -> tuple[dict[str, dict[str, Any]], list[ImageWeights], dict[str, float]]:
-        """Evaluate every experiment on one target; returns metrics, semla per-image weights, uniform weights."""
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, list[ImageWeights]], dict[str, float]]:
+        """Evaluate every experiment on one target; returns metrics, per semla column the images' weights,
+        and the uniform weights."""
         job = self._open(target)  # the model's vocabulary, this process's shard, its resume state, evaluators
         self._weigh(job)  # each experiment's adapter weights (semla: each image's retrieval)
         self._evaluate(job)  # every batch through every experiment, resumable
         metrics = {e: job.evaluators[e].evaluate()["sem_seg"] for e in self.plan.experiments}
-        image_weights: list[ImageWeights] = []
-        if job.semla_rows is not None:
+        image_weights: dict[str, list[ImageWeights]] = {}
+        for column, rows in job.semla_rows.items():
             local = [
                 _image_weights(record, row, job.library.names, self.plan.datasets_root)
-                for record, row in zip(job.shard, job.semla_rows)
+                for record, row in zip(job.shard, rows)
             ]
-            image_weights = [w for part in all_gather_objects(local) for w in part]
+            image_weights[column] = [w for part in all_gather_objects(local) for w in part]
         return metrics, image_weights, job.uniform_record
 
     def _open(self, target: TargetPlan) -> _Job:
@@ -208,28 +213,32 @@ class Session:
                 for name, w in zip(plan.sources, job.fixed["uniform"][0, source_columns])
                 if w != 0
             }
-        if "semla" in plan.experiments:
+        columns = [e for e in plan.experiments if is_semla(e)]
+        if columns:  # one embedding per image, shared by every semla column
             state = job.state
             if state.embeddings is None:
                 files = [r["file_name"] for r in job.shard]
                 state.embeddings = torch.from_numpy(self._embed(files, f"{target.name} embeddings"))
                 self._save_state(target, state, len(job.shard))
-            job.semla_rows = to_library(self._semla_weights(state.embeddings, exclude))
+            first = None
             if plan.settings.text_features == "reference":
                 first = state.embeddings[:1] if job.begin == 0 and len(job.shard) else None
                 if first is None:  # the target's first image is in another process's shard
                     first = torch.from_numpy(self._embed([target.records[0]["file_name"]], "first image"))
-                job.first_row = to_library(self._semla_weights(first, exclude))
+            for column in columns:
+                job.semla_rows[column] = to_library(self._semla_weights(state.embeddings, exclude, column))
+                if first is not None:
+                    job.first_row[column] = to_library(self._semla_weights(first, exclude, column))
 
     def _text_features(self, job: _Job, experiment: str, rows: torch.Tensor | None) -> torch.Tensor:
         """Class-text features: per image under semla's per_image policy, else shared by the target."""
-        if experiment == "semla" and self.plan.settings.text_features == "per_image":
+        if is_semla(experiment) and self.plan.settings.text_features == "per_image":
             return fused_text_features(job.model, job.library, rows)  # (B, T, P, C)
         if experiment not in job.shared_text:
             if experiment == "zeroshot":
                 job.shared_text[experiment] = job.model.text_features()
             else:
-                base = job.first_row if experiment == "semla" else job.fixed[experiment]
+                base = job.first_row[experiment] if is_semla(experiment) else job.fixed[experiment]
                 job.shared_text[experiment] = fused_text_features(job.model, job.library, base)[0]
         return job.shared_text[experiment]
 
@@ -238,8 +247,8 @@ class Session:
         position = job.state.position
         predictions: dict[str, list] = {}
         for experiment in self.plan.experiments:
-            if experiment == "semla":
-                rows = job.semla_rows[position : position + len(batch)]
+            if is_semla(experiment):
+                rows = job.semla_rows[experiment][position : position + len(batch)]
             else:
                 rows = job.fixed.get(experiment)
             text = self._text_features(job, experiment, rows)
@@ -316,8 +325,12 @@ class Session:
             )
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _semla_weights(self, embeddings: torch.Tensor, exclude: list[int] | None) -> torch.Tensor:
-        return retrieve(embeddings, self.prototypes, self.plan.semla, exclude=exclude)  # (n, S)
+    def _semla_weights(
+        self, embeddings: torch.Tensor, exclude: list[int] | None, column: str
+    ) -> torch.Tensor:
+        return retrieve(
+            embeddings, self.prototypes, self.plan.semla_config(column), exclude=exclude
+        )  # (n, S)
 
     def _embed(self, files: Sequence[str], desc: str) -> np.ndarray:
         if not files:
@@ -442,7 +455,7 @@ def run(plan: ExperimentPlan, info: DistInfo | None = None) -> ResultsBook | Non
             book.add_target(
                 target.name,
                 metrics,
-                semla=image_weights if "semla" in plan.experiments else None,
+                semla=image_weights if any(is_semla(e) for e in plan.experiments) else None,
                 uniform=uniform if "uniform" in plan.experiments else None,
             )
             book.write(output_dir)
@@ -463,7 +476,9 @@ def _write_run_config(plan: ExperimentPlan, session: Session, device: torch.devi
             "experiments": plan.experiments,
             "sources": plan.sources,
             "targets": [t.name for t in plan.targets],
-            "semla_config": plan.semla.as_dict(),
+            "semla_config": plan.semla.as_dict()
+            if not plan.semla_columns
+            else {column: c.as_dict() for column, c in plan.semla_columns.items()},
             "text_features": plan.settings.text_features,
             "remove_target_adapter": plan.settings.remove_target_adapter,
             "model_weights": str(plan.model_weights),

@@ -39,6 +39,7 @@ from .settings import (
     SemlaConfig,
     embedding_model_problem,
     load_semla_config,
+    semla_column,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,14 +72,28 @@ class ExperimentPlan:
     datasets_root: Path
     fingerprint: dict[str, Any]
     finished: list[str] = field(default_factory=list)
+    semla_columns: dict[str, SemlaConfig] = field(default_factory=dict)
 
     @property
     def experiments(self) -> list[str]:
-        return list(self.settings.experiments)
+        """The columns of the run: ``--experiment``'s, ``semla`` replaced by its ablation columns if any."""
+        return experiment_columns(self.settings.experiments, self.semla_columns)
+
+    def semla_config(self, column: str) -> SemlaConfig:
+        """The SemLA settings of a ``semla`` column."""
+        return self.semla_columns.get(column, self.semla)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.settings.output_dir)
+
+
+def experiment_columns(experiments: Sequence[str], semla_columns: Mapping[str, Any]) -> list[str]:
+    """``experiments`` with ``semla`` replaced by its ablation columns (when there are several configs)."""
+    out: list[str] = []
+    for experiment in experiments:
+        out += list(semla_columns) if experiment == "semla" and semla_columns else [experiment]
+    return out
 
 
 def target_config(
@@ -126,7 +141,9 @@ def _fingerprint(
         "experiments": list(settings.experiments),
         "sources": plan_parts["sources"],
         "targets": plan_parts["targets"],
-        "semla_config": plan_parts["semla"].as_dict(),
+        "semla_config": plan_parts["semla"].as_dict()
+        if not plan_parts["semla_columns"]
+        else {column: c.as_dict() for column, c in plan_parts["semla_columns"].items()},
         "remove_target_adapter": settings.remove_target_adapter,
         "text_features": settings.text_features,
         "model_weights": _file_fingerprint(plan_parts["model_weights"]),
@@ -181,6 +198,7 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
     _check_options(settings, problems)
     sources, targets = _read_domain_lists(settings, problems)
     semla = _read_semla_config(settings, problems)
+    semla_columns = _read_semla_columns(settings, problems)
     root = _dataset_root(settings, problems)
     model_weights = find_input_path(settings.model_weights)
     if not model_weights.is_file():
@@ -202,12 +220,14 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
         "sources": sources,
         "targets": targets,
         "semla": semla,
+        "semla_columns": semla_columns,
         "model_weights": model_weights,
         "library_path": library_path,
         "datasets_root": root,
     }
     fingerprint = _fingerprint(settings, parts, world_size)
-    finished = _check_output_dir(settings, fingerprint, sources, targets, problems)
+    columns = experiment_columns(settings.experiments, semla_columns)
+    finished = _check_output_dir(settings, columns, fingerprint, sources, targets, problems)
     if problems:
         raise ExperimentError(problems)
     return ExperimentPlan(
@@ -221,6 +241,7 @@ def prepare(settings: ExperimentSettings, *, world_size: int = 1) -> ExperimentP
         datasets_root=root,
         fingerprint=fingerprint,
         finished=finished,
+        semla_columns=semla_columns,
     )
 
 
@@ -276,6 +297,25 @@ def _read_semla_config(settings: ExperimentSettings, problems: list[str]) -> Sem
     except FileNotFoundError as e:
         problems.append(str(e))
     return SemlaConfig()
+
+
+def _read_semla_columns(settings: ExperimentSettings, problems: list[str]) -> dict[str, SemlaConfig]:
+    """Several ``--semla_config`` files: one column each (``semla-<stem>``); none or one: no columns."""
+    columns: dict[str, SemlaConfig] = {}
+    for path in settings.semla_configs:
+        column = semla_column(path)
+        if column in columns:
+            problems.append(f"--semla_config: two files named {Path(path).stem!r}; their columns would clash")
+            continue
+        try:
+            columns[column] = load_semla_config(path)
+        except ExperimentError as e:
+            problems.extend(e.problems)
+        except FileNotFoundError as e:
+            problems.append(str(e))
+    if columns and "semla" not in settings.experiments:
+        problems.append("several --semla_config files make semla columns; add semla to --experiment")
+    return columns
 
 
 def _dataset_root(settings: ExperimentSettings, problems: list[str]) -> Path:
@@ -361,6 +401,7 @@ def _check_library(
 
 def _check_output_dir(
     settings: ExperimentSettings,
+    columns: list[str],
     fingerprint: dict[str, Any],
     sources: list[str],
     targets: list[str],
@@ -383,7 +424,7 @@ def _check_output_dir(
             return []
         try:
             return ResultsBook.load(
-                output_dir, experiments=list(settings.experiments), targets=targets, sources=sources
+                output_dir, experiments=columns, targets=targets, sources=sources
             ).finished()
         except (ValueError, KeyError, OSError) as e:
             problems.append(f"--resume: the outputs in {output_dir} cannot be read back ({e})")

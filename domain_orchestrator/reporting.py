@@ -32,6 +32,8 @@ from typing import Any
 from cat_seg.engine.io import atomic_write_json, to_json
 from cat_seg.fileio import atomic_write_text
 
+from .settings import is_semla
+
 __all__ = [
     "METRICS_FILE",
     "RESULTS_FILE",
@@ -89,7 +91,8 @@ class ResultsBook:
         targets: every target of the run, in order (finished or not).
         sources: the source domains, in order.
         metrics: ``{target: {experiment: metrics}}`` of the finished targets.
-        semla: ``{target: [ImageWeights, ...]}`` in image order.
+        semla: ``{column: {target: [ImageWeights, ...]}}`` in image order (column ``semla``, or
+            ``semla-<stem>`` for each of several SemLA configs).
         uniform: ``{target: {source: weight}}``.
     """
 
@@ -97,7 +100,7 @@ class ResultsBook:
     targets: list[str]
     sources: list[str]
     metrics: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    semla: dict[str, list[ImageWeights]] = field(default_factory=dict)
+    semla: dict[str, dict[str, list[ImageWeights]]] = field(default_factory=dict)
     uniform: dict[str, dict[str, float]] = field(default_factory=dict)
 
     # -- filling -----------------------------------------------------------------------------------
@@ -106,16 +109,21 @@ class ResultsBook:
         target: str,
         metrics: Mapping[str, Mapping[str, Any]],
         *,
-        semla: Sequence[ImageWeights] | None = None,
+        semla: Sequence[ImageWeights] | Mapping[str, Sequence[ImageWeights]] | None = None,
         uniform: Mapping[str, float] | None = None,
     ) -> None:
-        """Record a finished target (every experiment's metrics and, where there are, its weights)."""
+        """Record a finished target (every experiment's metrics and, where there are, its weights).
+
+        ``semla``: the images' weights of the ``semla`` column, or ``{column: weights}`` for several.
+        """
         missing = [e for e in self.experiments if e not in metrics]
         if missing:
             raise ValueError(f"target {target!r}: no metrics for {missing}")
         self.metrics[target] = {e: dict(metrics[e]) for e in self.experiments}
         if semla is not None:
-            self.semla[target] = list(semla)
+            per_column = semla if isinstance(semla, Mapping) else {"semla": semla}
+            for column, weights in per_column.items():
+                self.semla.setdefault(column, {})[target] = list(weights)
         if uniform is not None:
             self.uniform[target] = dict(uniform)
 
@@ -128,18 +136,20 @@ class ResultsBook:
         """``results.json`` of one experiment: ``{target: value}`` for the finished targets."""
         return {t: reported_value(self.metrics[t][experiment])[1] for t in self.finished()}
 
-    def semla_weights(self) -> dict[str, dict[str, dict[str, list]]]:
+    def semla_weights(self, column: str = "semla") -> dict[str, dict[str, dict[str, list]]]:
+        """``weights.json`` of a semla column: ``{target: {image: {"adapters": [...], "weights": [...]}}}``."""
+        per_target = self.semla.get(column, {})
         return {
-            t: {w.image: {"adapters": list(w.adapters), "weights": list(w.weights)} for w in self.semla[t]}
+            t: {w.image: {"adapters": list(w.adapters), "weights": list(w.weights)} for w in per_target[t]}
             for t in self.finished()
-            if t in self.semla
+            if t in per_target
         }
 
-    def semla_weights_reference(self) -> dict[str, list[float]]:
+    def semla_weights_reference(self, column: str = "semla") -> dict[str, list[float]]:
         """The original's flat lists: one weight per image where the source was kept, all targets."""
         flat: dict[str, list[float]] = {}
         for t in self.finished():
-            for image in self.semla.get(t, []):
+            for image in self.semla.get(column, {}).get(t, []):
                 for name, weight in zip(image.adapters, image.weights):
                     flat.setdefault(name, []).append(weight)
         return flat
@@ -153,9 +163,11 @@ class ResultsBook:
             if experiment == "uniform":
                 uniform = {t: self.uniform[t] for t in self.finished() if t in self.uniform}
                 _write_original_json(folder / WEIGHTS_FILE, uniform)
-            if experiment == "semla":
-                _write_original_json(folder / WEIGHTS_FILE, self.semla_weights())
-                _write_original_json(folder / WEIGHTS_REFERENCE_FILE, self.semla_weights_reference())
+            if is_semla(experiment):
+                _write_original_json(folder / WEIGHTS_FILE, self.semla_weights(experiment))
+                _write_original_json(
+                    folder / WEIGHTS_REFERENCE_FILE, self.semla_weights_reference(experiment)
+                )
         atomic_write_json(output_dir / METRICS_FILE, {t: self.metrics[t] for t in self.finished()})
         atomic_write_text(output_dir / SUMMARY_FILE, format_summary(self) + "\n")
 
@@ -178,8 +190,8 @@ class ResultsBook:
         for target, per_experiment in metrics.items():
             if target in book.targets and all(e in per_experiment for e in book.experiments):
                 book.metrics[target] = {e: per_experiment[e] for e in book.experiments}
-        for experiment in ("uniform", "semla"):
-            if experiment not in book.experiments:
+        for experiment in book.experiments:
+            if experiment != "uniform" and not is_semla(experiment):
                 continue
             weights_path = experiment_dir(output_dir, experiment, book.experiments) / WEIGHTS_FILE
             weights = json.loads(weights_path.read_text(encoding="utf-8")) if weights_path.is_file() else {}
@@ -189,7 +201,7 @@ class ResultsBook:
                 if experiment == "uniform":
                     book.uniform[target] = {k: float(v) for k, v in weights[target].items()}
                 else:
-                    book.semla[target] = [
+                    book.semla.setdefault(experiment, {})[target] = [
                         ImageWeights(
                             image, tuple(entry["adapters"]), tuple(float(w) for w in entry["weights"])
                         )
@@ -202,15 +214,17 @@ def format_summary(book: ResultsBook) -> str:
     """The main table: one row per target, one column per experiment, and the mean over targets.
 
     Each cell is the reported value (``IoU`` for the Cityscapes family, else ``mIoU``), in percent.
+    Columns are 10 characters wide, wider for long names (``semla-<stem>`` ablation columns).
     """
     experiments = book.experiments
+    cw = {e: max(10, len(e) + 2) for e in experiments}
     width = max([len("target"), len("mean")] + [len(t) for t in book.targets]) + 2
-    header = f"{'target':<{width}}{'metric':<8}" + "".join(f"{e:>10}" for e in experiments)
+    header = f"{'target':<{width}}{'metric':<8}" + "".join(f"{e:>{cw[e]}}" for e in experiments)
     lines = [header, "-" * len(header)]
     columns: dict[str, list[float]] = {e: [] for e in experiments}
     for target in book.targets:
         if target not in book.metrics:
-            lines.append(f"{target:<{width}}{'-':<8}" + "".join(f"{'-':>10}" for _ in experiments))
+            lines.append(f"{target:<{width}}{'-':<8}" + "".join(f"{'-':>{cw[e]}}" for e in experiments))
             continue
         key = reported_value(book.metrics[target][experiments[0]])[0]
         cells = []
@@ -218,13 +232,13 @@ def format_summary(book: ResultsBook) -> str:
             value = reported_value(book.metrics[target][e])[1]
             if value is not None and math.isfinite(value):
                 columns[e].append(value)
-            cells.append(f"{value:>10.2f}" if value is not None else f"{'n/a':>10}")
+            cells.append(f"{value:>{cw[e]}.2f}" if value is not None else f"{'n/a':>{cw[e]}}")
         lines.append(f"{target:<{width}}{key:<8}" + "".join(cells))
     lines.append("-" * len(header))
     means = []
     for e in experiments:
         values = columns[e]
-        means.append(f"{sum(values) / len(values):>10.2f}" if values else f"{'-':>10}")
+        means.append(f"{sum(values) / len(values):>{cw[e]}.2f}" if values else f"{'-':>{cw[e]}}")
     done = len(book.finished())
     lines.append(f"{'mean':<{width}}{'':<8}" + "".join(means))
     if done < len(book.targets):

@@ -25,7 +25,9 @@ __all__ = [
     "ExperimentSettings",
     "SemlaConfig",
     "embedding_model_problem",
+    "is_semla",
     "load_semla_config",
+    "semla_column",
 ]
 
 #: The experiments of SemLA's main table, in the order of ``experiments.py --experiment``.
@@ -146,6 +148,8 @@ class ExperimentSettings:
         source_domains, target_domains: YAML lists of domains (names, or domain spec files).
         domain_specs: a folder of domain specs (``*.yaml``) to register before reading the lists.
         semla_config: YAML of :class:`SemlaConfig` keys, or None for the defaults.
+        semla_configs: several such files (ablations): each is its own ``semla-<file stem>`` column, all
+            sharing the model, the data and each image's embedding (``semla_config`` is then None).
         output_dir: where the outputs go.
         remove_target_adapter: leave the target's own adapter out of ``uniform`` and ``semla``.
         model_weights: CAT-Seg checkpoint (relative paths: to the current directory, else ``catseg/``).
@@ -173,6 +177,7 @@ class ExperimentSettings:
     model_weights: str = "models/model_final.pth"
     lora_library_path: str = "loradb"
     semla_config: Path | None = None
+    semla_configs: tuple[Path, ...] = ()
     remove_target_adapter: bool = False
     embedding_model: str | None = None
     datasets_root: Path | None = None
@@ -197,3 +202,13 @@ def embedding_model_problem(spec: str) -> str | None:
     if spec == "catseg" or spec.startswith("open_clip:") or Path(spec).expanduser().exists():
         return None
     return f"--embedding_model {spec}: no such folder"
+
+
+def is_semla(experiment: str) -> bool:
+    """``semla`` or one of its ablation columns ``semla-<stem>``."""
+    return experiment == "semla" or experiment.startswith("semla-")
+
+
+def semla_column(path: str | os.PathLike) -> str:
+    """The column of a SemLA config among several: ``semla-<file stem>``."""
+    return f"semla-{Path(path).stem}"

@@ -279,3 +279,33 @@ def test_existing_outputs_need_resume_or_overwrite(world: World, four: Path, cap
     err = capsys.readouterr().err
     assert "already holds results" in err and "--resume" in err and "Traceback" not in err
     assert json.loads((four / "run_config.json").read_text())["experiments"] == list(ALL)
+
+
+def test_several_semla_configs_in_one_run_equal_separate_runs(world: World, tmp_path: Path) -> None:
+    """Ablations: each --semla_config file is a semla-<stem> column of one pass, equal to its own run."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "top1.yaml").write_text("distance_measure_name: euclidean\ntemperature: 0.05\ntop_k: 1\n")
+    (configs / "cos.yaml").write_text("distance_measure_name: cosine\ntemperature: 0.5\ntop_k: 2\n")
+    together = tmp_path / "together"
+    assert _run(world, together, "zeroshot", "semla", extra=("--semla_config", str(configs))) == 0
+    metrics = read_json(together / "metrics.json")
+    header = (together / "summary.txt").read_text().splitlines()[0].split()
+    assert header == ["target", "metric", "zeroshot", "semla-cos", "semla-top1"]
+    assert read_json(together / "run_config.json")["semla_config"]["semla-top1"]["top_k"] == 1
+    for stem in ("cos", "top1"):
+        alone = tmp_path / stem
+        assert _run(world, alone, "semla", extra=("--semla_config", str(configs / f"{stem}.yaml"))) == 0
+        assert (alone / "weights.json").read_bytes() == (
+            together / f"semla-{stem}" / "weights.json"
+        ).read_bytes()
+        assert (alone / "results.json").read_bytes() == (
+            together / f"semla-{stem}" / "results.json"
+        ).read_bytes()
+        single = read_json(alone / "metrics.json")
+        assert {t: m["semla"] for t, m in single.items()} == {
+            t: m[f"semla-{stem}"] for t, m in metrics.items()
+        }
+    # --resume reads the columns back
+    assert _run(world, together, "zeroshot", "semla", extra=("--semla_config", str(configs), "--resume")) == 0
+    assert read_json(together / "metrics.json") == metrics

@@ -79,6 +79,22 @@ def _semla_config_typo(world: World, tmp: Path) -> list[str]:
     return world.args(tmp / "out", "semla", extra=("--semla_config", str(path)))
 
 
+def _semla_configs_without_semla(world: World, tmp: Path) -> list[str]:
+    for name in ("a", "b"):
+        (tmp / f"{name}.yaml").write_text("top_k: 2\n")
+    return world.args(
+        tmp / "out", "uniform", extra=("--semla_config", str(tmp / "a.yaml"), str(tmp / "b.yaml"))
+    )
+
+
+def _semla_configs_of_one_stem(world: World, tmp: Path) -> list[str]:
+    for folder in ("x", "y"):
+        (tmp / folder).mkdir()
+        (tmp / folder / "top2.yaml").write_text("top_k: 2\n")
+    extra = ("--semla_config", str(tmp / "x" / "top2.yaml"), str(tmp / "y" / "top2.yaml"))
+    return world.args(tmp / "out", "semla", extra=extra)
+
+
 def _missing_checkpoint(world: World, tmp: Path) -> list[str]:
     return _set(world.args(tmp / "out", "zeroshot"), "--model_weights", str(tmp / "model_final.pth"))
 
@@ -100,6 +116,14 @@ CASES: dict[str, tuple[Callable[[World, Path], list[str]], str]] = {
     ),
     "semla_config typo": (_semla_config_typo, r"unknown key 'temprature'; did you mean 'temperature'\?"),
     "missing checkpoint": (_missing_checkpoint, r"CAT-Seg checkpoint .*model_final.pth not found"),
+    "semla configs without semla": (
+        _semla_configs_without_semla,
+        r"several --semla_config files make semla columns; add semla to --experiment",
+    ),
+    "semla configs of one stem": (
+        _semla_configs_of_one_stem,
+        r"two files named 'top2'; their columns would clash",
+    ),
 }
 
 
