@@ -72,20 +72,6 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
     return found
 
 
-def class_names(args: argparse.Namespace) -> list[str] | None:
-    if args.classes is not None:
-        return [n.strip() for n in args.classes.split(",") if n.strip()]
-    if args.class_json is not None:
-        from cat_seg.modeling.text import load_class_names
-
-        return load_class_names(args.class_json)
-    if args.domain_spec is not None:
-        from cat_seg.data.registry import register_domain_spec_file
-
-        return list(register_domain_spec_file(args.domain_spec).class_names)
-    return None
-
-
 def _missing_demo_files(args: argparse.Namespace) -> None:
     from semla_demo.common import DEMO
 
@@ -115,23 +101,12 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cat_seg.data.io import write_label
-    from semla_demo.inference import Segmenter
+    from semla_demo.cli import segmenter_from_args
     from semla_demo.visualize import save_overlay, save_weights_chart
 
     images = find_images(args.input)
     _missing_demo_files(args)
-    segmenter = Segmenter.from_files(
-        args.config_file,
-        args.weights,
-        opts=args.opts or (),
-        device=args.device,
-        lora_library_path=args.lora_library_path,
-        embedding_model=args.embedding_model,
-        semla_config=args.semla_config,
-    )
-    names = class_names(args)
-    if names is not None:
-        segmenter.set_classes(names)
+    segmenter = segmenter_from_args(args)
     method = args.method or (
         "semla"
         if segmenter.embedder is not None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 
@@ -43,3 +44,14 @@ def run_description(
         [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     )
     return description
+
+
+def report(results: dict, render: Callable[[dict], str], output: Path | None) -> int:
+    """Print a benchmark's markdown table (``render(results)``) and, with ``--output``, write its JSON."""
+    import json
+
+    print(render(results))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2))
+    return 0

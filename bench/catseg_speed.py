@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import math
 import re
 import statistics
@@ -48,7 +47,7 @@ from cat_seg.modeling._padded import padded_computation
 from cat_seg.modeling.aggregator import Aggregator, ClassTransformerLayer
 from cat_seg.modeling.text import load_class_names
 
-from _common import run_description
+from _common import report, run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", 640),
@@ -382,11 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **run_description(argv, device=device),
         },
     }
-    print(render(results))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
-    return 0
+    return report(results, render, args.output)
 
 
 def render(r: dict) -> str:

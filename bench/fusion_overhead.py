@@ -23,7 +23,6 @@ median over ``--reps`` repetitions after ``--warmup`` warm-up runs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from domain_orchestrator.prototypes import load_prototypes
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
-from _common import run_description
+from _common import report, run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", "datasets/cs19.json", "datasets/ade150.json", 640),
@@ -244,11 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         **run_description(argv, device=device, cpu_count=True),
     }
-    print(render(results))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
-    return 0
+    return report(results, render, args.output)
 
 
 def render(r: dict) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import tempfile
@@ -51,7 +50,7 @@ from domain_orchestrator.library import AdapterLibrary
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
-from _common import run_description
+from _common import report, run_description
 
 #: preset -> (CAT-Seg config, embedder vision config (image, patch, width, layers, heads, projection))
 PRESETS = {
@@ -252,11 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         **run_description(argv, device=device),
     }
-    print(render(results))
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
-    return 0
+    return report(results, render, args.output)
 
 
 def render(r: dict) -> str:

@@ -13,7 +13,7 @@ import argparse
 
 from .common import DEMO, SEMLA_CONFIG, TRAIN_CONFIG
 
-__all__ = ["add_model_arguments", "add_run_arguments"]
+__all__ = ["add_model_arguments", "add_run_arguments", "segmenter_from_args", "vocabulary"]
 
 # The vocabulary flags' help: demo.py's, and the web demo's (its page can change the class names).
 _VOCABULARY_HELP = {
@@ -95,3 +95,38 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "opts", nargs=argparse.REMAINDER, default=[], metavar="KEY VALUE", help="config overrides"
     )
+
+
+def vocabulary(args: argparse.Namespace) -> list[str] | None:
+    """The class names the vocabulary flags ask for (``--classes`` / ``--class-json`` / ``--domain_spec``),
+    or None for the config's."""
+    if args.classes is not None:
+        return [n.strip() for n in args.classes.split(",") if n.strip()]
+    if args.class_json is not None:
+        from cat_seg.modeling.text import load_class_names
+
+        return load_class_names(args.class_json)
+    if args.domain_spec is not None:
+        from cat_seg.data.registry import register_domain_spec_file
+
+        return list(register_domain_spec_file(args.domain_spec).class_names)
+    return None
+
+
+def segmenter_from_args(args: argparse.Namespace):  # noqa: ANN201 - a Segmenter (imported lazily)
+    """The :class:`~semla_demo.inference.Segmenter` the model flags describe, with their vocabulary."""
+    from .inference import Segmenter
+
+    segmenter = Segmenter.from_files(
+        args.config_file,
+        args.weights,
+        opts=args.opts or (),
+        device=args.device,
+        lora_library_path=args.lora_library_path,
+        embedding_model=args.embedding_model,
+        semla_config=args.semla_config,
+    )
+    names = vocabulary(args)
+    if names is not None:
+        segmenter.set_classes(names)
+    return segmenter

@@ -724,28 +724,10 @@ def check_files(args: argparse.Namespace) -> None:
 
 def build_demo(args: argparse.Namespace) -> WebDemo:
     """The :class:`WebDemo` a command line asks for (loads the model, library and embedder)."""
-    from .inference import Segmenter
+    from .cli import segmenter_from_args
 
     check_files(args)
-    segmenter = Segmenter.from_files(
-        args.config_file,
-        args.weights,
-        opts=args.opts or (),
-        device=args.device,
-        lora_library_path=args.lora_library_path,
-        embedding_model=args.embedding_model,
-        semla_config=args.semla_config,
-    )
-    if args.classes is not None:
-        segmenter.set_classes([n for n in args.classes.split(",")])
-    elif args.class_json is not None:
-        from cat_seg.modeling.text import load_class_names
-
-        segmenter.set_classes(load_class_names(args.class_json))
-    elif args.domain_spec is not None:
-        from cat_seg.data.registry import register_domain_spec_file
-
-        segmenter.set_classes(list(register_domain_spec_file(args.domain_spec).class_names))
+    segmenter = segmenter_from_args(args)
     limits = Limits(
         max_side=args.max_side, max_pixels=int(args.max_megapixels * 1e6), max_file_mb=args.max_file_mb
     )
