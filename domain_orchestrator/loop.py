@@ -42,6 +42,7 @@ from cat_seg.progress import progress
 from .embedding import EmbeddingError, load_embedder
 from .fusion import fused_text_features
 from .library import AdapterLibrary, AdapterLibraryError
+from .merging import check_combination, merged_library
 from .plan import ExperimentPlan, TargetPlan, class_names
 from .prototypes import load_prototypes
 from .reporting import RUN_CONFIG_FILE, ImageWeights, ResultsBook, format_summary
@@ -76,6 +77,7 @@ class _Job:
     )  # --text_features reference: first image's
     uniform_record: dict[str, float] = field(default_factory=dict)
     shared_text: dict[str, torch.Tensor] = field(default_factory=dict)
+    merged: dict[str, tuple[Any, torch.Tensor]] = field(default_factory=dict)  # merged once per target
 
 
 class Session:
@@ -120,6 +122,13 @@ class Session:
         if any(is_semla(e) for e in plan.experiments):
             first_model = next(iter(self.models.values()))
             self.embedder, self.prototypes = self._retrieval_setup(first_model, problems)
+        if opened is not None and plan.sources:  # a merge PEFT would refuse, said before any image
+            ranks = [opened.infos[i].rank for i in opened.index(plan.sources)]
+            for experiment in plan.experiments:
+                spec = self._combination(experiment)
+                reason = check_combination(spec, ranks) if spec is not None else None
+                if reason is not None:
+                    problems.append(f"{experiment}: combination_type {spec.combination_type}: {reason}")
         if problems:
             raise ExperimentError(problems)
 
@@ -230,16 +239,41 @@ class Session:
                 if first is not None:
                     job.first_row[column] = to_library(self._semla_weights(first, exclude, column))
 
-    def _text_features(self, job: _Job, experiment: str, rows: torch.Tensor | None) -> torch.Tensor:
+    def _combination(self, experiment: str) -> Any:
+        """The merging type of ``uniform`` and the semla columns (None: ``cat``, fusion's own exact sum)."""
+        if experiment == "uniform" or is_semla(experiment):
+            return self.plan.semla_config(experiment).combination()
+        return None
+
+    def _fused(
+        self, job: _Job, experiment: str, rows: torch.Tensor | None, *, cache: bool = False
+    ) -> tuple[Any, torch.Tensor | None]:
+        """What to fuse for ``rows``: the library and the rows (``cat``), or each row's merged adapter
+        (PEFT's other combination types) with the identity as weights. ``cache``: a target's fixed rows
+        (uniform; semla's first image under ``--text_features reference``) are merged once per target."""
+        spec = self._combination(experiment)
+        if spec is None or rows is None:
+            return job.library, rows
+        if cache and experiment in job.merged:
+            return job.merged[experiment]
+        fused = (merged_library(job.library, rows, spec), torch.eye(rows.shape[0], dtype=torch.float64))
+        if cache:
+            job.merged[experiment] = fused
+        return fused
+
+    def _text_features(
+        self, job: _Job, experiment: str, library: Any, weights: torch.Tensor | None
+    ) -> torch.Tensor:
         """Class-text features: per image under semla's per_image policy, else shared by the target."""
         if is_semla(experiment) and self.plan.settings.text_features == "per_image":
-            return fused_text_features(job.model, job.library, rows)  # (B, T, P, C)
+            return fused_text_features(job.model, library, weights)  # (B, T, P, C)
         if experiment not in job.shared_text:
             if experiment == "zeroshot":
                 job.shared_text[experiment] = job.model.text_features()
             else:
                 base = job.first_row[experiment] if is_semla(experiment) else job.fixed[experiment]
-                job.shared_text[experiment] = fused_text_features(job.model, job.library, base)[0]
+                shared_library, shared = self._fused(job, experiment, base, cache=True)
+                job.shared_text[experiment] = fused_text_features(job.model, shared_library, shared)[0]
         return job.shared_text[experiment]
 
     def _predict(self, job: _Job, batch: list[dict[str, Any]]) -> dict[str, list]:
@@ -251,8 +285,9 @@ class Session:
                 rows = job.semla_rows[experiment][position : position + len(batch)]
             else:
                 rows = job.fixed.get(experiment)
-            text = self._text_features(job, experiment, rows)
-            outputs = segment(job.model, job.library, batch, rows, text_features=text)
+            library, weights = self._fused(job, experiment, rows, cache=experiment in job.fixed)
+            text = self._text_features(job, experiment, library, weights)
+            outputs = segment(job.model, library, batch, weights, text_features=text)
             predictions[experiment] = [
                 label_prediction(o["sem_seg"], x["sem_seg"], resize_to_label=job.spec.resize_to is not None)
                 for o, x in zip(outputs, batch)

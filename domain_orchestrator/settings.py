@@ -18,6 +18,7 @@ from typing import Any
 from cat_seg.fileio import read_yaml
 
 __all__ = [
+    "COMBINATION_TYPES",
     "EXPERIMENTS",
     "EXPERIMENT_OPTS",
     "TEXT_POLICIES",
@@ -56,7 +57,32 @@ class ExperimentError(ValueError):
 # The original's shipped file and README call the measure ``distance_measure_name``; its code reads
 # ``similarity_measure_name`` (and silently ignores the other). Both spellings are accepted here.
 _MEASURE_KEYS = ("distance_measure_name", "similarity_measure_name")
-_SEMLA_KEYS = (*_MEASURE_KEYS, "temperature", "top_k", "combination_type")
+#: PEFT ``add_weighted_adapter``'s options besides the type (its names), and ``seed`` (DARE's masks; ours).
+MERGE_KEYS = (
+    "svd_rank",
+    "svd_clamp",
+    "svd_full_matrices",
+    "svd_driver",
+    "density",
+    "majority_sign_method",
+    "seed",
+)
+_SEMLA_KEYS = (*_MEASURE_KEYS, "temperature", "top_k", "combination_type", *MERGE_KEYS)
+
+#: PEFT ``add_weighted_adapter``'s combination types (PEFT 0.21), all of which fusion implements exactly.
+COMBINATION_TYPES = (
+    "cat",
+    "linear",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 
 
 @dataclass(frozen=True)
@@ -69,13 +95,17 @@ class SemlaConfig:
             domains).
         temperature: softmax temperature, > 0.
         top_k: adapters kept per image, >= 1 (all candidates when fewer).
-        combination_type: ``cat`` only (PEFT ``add_weighted_adapter``'s exact weighted sum of deltas).
+        combination_type: how the kept adapters are fused, one of :data:`COMBINATION_TYPES` (PEFT
+            ``add_weighted_adapter``'s; ``cat``, the original's setting, is the exact weighted sum of deltas).
+        merge: PEFT's other options of that call, as given (``svd_rank``, ``svd_clamp``,
+            ``svd_full_matrices``, ``svd_driver``, ``density``, ``majority_sign_method``) and ``seed`` (DARE).
     """
 
     measure: str = "euclidean"
     temperature: float = 0.05
     top_k: int = 5
     combination_type: str = "cat"
+    merge: tuple[tuple[str, Any], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -83,7 +113,16 @@ class SemlaConfig:
             "temperature": self.temperature,
             "top_k": self.top_k,
             "combination_type": self.combination_type,
+            **dict(self.merge),
         }
+
+    def combination(self) -> Any:
+        """The :class:`~domain_orchestrator.merging.CombinationSpec` of a merging type (None for ``cat``)."""
+        if self.combination_type == "cat":
+            return None
+        from .merging import CombinationSpec
+
+        return CombinationSpec(self.combination_type, **dict(self.merge))
 
 
 def load_semla_config(path: str | os.PathLike | None) -> SemlaConfig:
@@ -92,7 +131,7 @@ def load_semla_config(path: str | os.PathLike | None) -> SemlaConfig:
     Raises:
         FileNotFoundError: the file does not exist.
         ExperimentError: every problem: unknown keys (with a "did you mean"), wrong types or values,
-            both measure keys with different values, a combination type other than ``cat``.
+            both measure keys with different values, an unknown combination type or a bad merge option.
     """
     if path is None:
         return SemlaConfig()
@@ -127,16 +166,58 @@ def load_semla_config(path: str | os.PathLike | None) -> SemlaConfig:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         problems.append(f"{path}: top_k must be an integer >= 1, got {top_k!r}")
     combination = data.get("combination_type", defaults.combination_type)
-    if combination != "cat":
+    if combination not in COMBINATION_TYPES:
         problems.append(
-            f"{path}: combination_type {combination!r} is not supported; only 'cat' (PEFT add_weighted_adapter's "
-            "exact weighted sum of the adapters' deltas, the original's setting) is implemented"
+            f"{path}: combination_type {combination!r} is not one of PEFT's: {', '.join(COMBINATION_TYPES)}"
         )
+    merge = {k: data[k] for k in MERGE_KEYS if k in data}
+    problems += [f"{path}: {p}" for p in _merge_problems(combination, merge)]
     if problems:
         raise ExperimentError(problems)
     return SemlaConfig(
-        measure=measure, temperature=float(temperature), top_k=int(top_k), combination_type="cat"
+        measure=measure,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        combination_type=combination,
+        merge=tuple(merge.items()),
     )
+
+
+def _merge_problems(combination: str, merge: dict[str, Any]) -> list[str]:
+    """The type and range problems of PEFT's merge options (PEFT's own refusals: see merging.check_combination)."""
+    problems = []
+    if merge and combination == "cat":
+        problems.append(f"{', '.join(merge)} do(es) nothing with combination_type cat")
+
+    def number(key: str, low: float, high: float | None, integer: bool = False) -> None:
+        value = merge.get(key)
+        if value is None:
+            return
+        kinds = (int,) if integer else (int, float)
+        bad = isinstance(value, bool) or not isinstance(value, kinds) or value < low
+        if bad or (high is not None and value > high) or (not integer and not math.isfinite(value)):
+            limit = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            problems.append(f"{key} must be {'an integer' if integer else 'a number'} {limit}, got {value!r}")
+
+    number("svd_rank", 1, None, integer=True)
+    number("svd_clamp", 0, 1)
+    number("density", 0, 1)
+    number("seed", 0, None, integer=True)
+    if not isinstance(merge.get("svd_full_matrices", True), bool):
+        problems.append(f"svd_full_matrices must be true or false, got {merge['svd_full_matrices']!r}")
+    if merge.get("svd_driver") not in (None, "gesvd", "gesvdj", "gesvda"):
+        problems.append(
+            f"svd_driver must be gesvd, gesvdj or gesvda (CUDA only), got {merge['svd_driver']!r}"
+        )
+    if merge.get("majority_sign_method", "total") not in ("total", "frequency"):
+        problems.append(
+            f"majority_sign_method must be total or frequency, got {merge['majority_sign_method']!r}"
+        )
+    if "density" not in merge and combination.startswith(("ties", "dare", "magnitude_prune")):
+        problems.append(
+            f"combination_type {combination} needs a density (the fraction of values kept, in (0, 1])"
+        )
+    return problems
 
 
 @dataclass(frozen=True)

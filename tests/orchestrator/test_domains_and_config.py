@@ -85,7 +85,12 @@ def test_semla_config_keys(tmp_path) -> None:  # noqa: ANN001
         ("temperature: fast\n", "temperature must be a number > 0"),
         ("top_k: 0\n", "top_k must be an integer >= 1, got 0"),
         ("top_k: 2.5\n", "top_k must be an integer >= 1"),
-        ("combination_type: svd\n", "combination_type 'svd' is not supported; only 'cat'"),
+        ("combination_type: average\n", "combination_type 'average' is not one of PEFT's: cat, linear, svd"),
+        ("combination_type: ties\n", "combination_type ties needs a density"),
+        ("combination_type: svd\nsvd_rank: 0\n", "svd_rank must be an integer >= 1, got 0"),
+        ("combination_type: dare_ties\ndensity: 1.5\n", r"density must be a number in \[0, 1\], got 1.5"),
+        ("combination_type: ties\ndensity: 0.5\nmajority_sign_method: most\n", "must be total or frequency"),
+        ("density: 0.5\n", "density do\\(es\\) nothing with combination_type cat"),
         ("- a\n", "expected a mapping"),
     ],
 )
@@ -98,7 +103,7 @@ def test_semla_config_errors(tmp_path, text: str, message: str) -> None:  # noqa
 
 def test_semla_config_reports_every_problem(tmp_path) -> None:  # noqa: ANN001
     path = tmp_path / "semla.yaml"
-    path.write_text("topk: 3\ntemperature: -1\ncombination_type: linear\n")
+    path.write_text("topk: 3\ntemperature: -1\ncombination_type: linaer\n")
     with pytest.raises(ExperimentError) as info:
         load_semla_config(path)
     assert len(info.value.problems) == 3
@@ -160,3 +165,14 @@ def test_summary_table() -> None:
     assert lines[4].split() == ["bdd", "-", "-", "-"]
     assert lines[6].split() == ["mean", "30.00", "40.25"]  # (40 + 20) / 2, (50 + 30.5) / 2
     assert "2 of 3 targets finished" in lines[7]
+
+
+def test_semla_config_with_a_merging_type(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "semla.yaml"
+    path.write_text("combination_type: ties_svd\ndensity: 0.5\nsvd_rank: 4\ntop_k: 3\n")
+    config = load_semla_config(path)
+    assert config.combination_type == "ties_svd" and dict(config.merge) == {"svd_rank": 4, "density": 0.5}
+    assert config.as_dict()["density"] == 0.5
+    spec = config.combination()
+    assert (spec.combination_type, spec.density, spec.svd_rank) == ("ties_svd", 0.5, 4)
+    assert load_semla_config(None).combination() is None  # cat: fusion's own exact sum

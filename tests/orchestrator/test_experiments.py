@@ -309,3 +309,36 @@ def test_several_semla_configs_in_one_run_equal_separate_runs(world: World, tmp_
     # --resume reads the columns back
     assert _run(world, together, "zeroshot", "semla", extra=("--semla_config", str(configs), "--resume")) == 0
     assert read_json(together / "metrics.json") == metrics
+
+
+@pytest.mark.parametrize(
+    ("combination", "options"),
+    [("ties", {"density": 0.5}), ("svd", {"svd_rank": 3}), ("linear", {})],
+)
+def test_uniform_with_a_merging_type_equals_peft(
+    world: World, tmp_path: Path, combination: str, options: dict
+) -> None:
+    """uniform with combination_type ties / svd / linear on a150 = PEFT add_weighted_adapter of the 4
+    sources at 1/4 with that type, evaluated the usual way (the merge runs once per target)."""
+    config = tmp_path / f"{combination}.yaml"
+    config.write_text(
+        f"combination_type: {combination}\n" + "".join(f"{k}: {v}\n" for k, v in options.items())
+    )
+    out = tmp_path / "out"
+    targets = tmp_path / "targets.yaml"
+    targets.write_text("- a150\n")
+    args = world.args(out, "uniform", extra=("--semla_config", str(config)))
+    args[args.index("--target_domains") + 1] = str(targets)
+    with single_thread():
+        assert experiments_main()(args) == 0
+    cfg, model = _target_model(world, "a150")
+    peft_model = _peft(model, world)
+    peft_model.add_weighted_adapter(SOURCES, [0.25] * 4, "merged", combination_type=combination, **options)
+    peft_model.set_adapter("merged")
+    spec = get_dataset("a150_sem_seg_val")
+    records = load_records(spec.name, world.root)
+    loader = [[mapper_from_cfg(cfg, is_train=False)(r)] for r in records]
+    evaluator = SemSegEvaluator(150, 255, class_names=spec.class_names(), convention=spec.metric_convention)
+    with single_thread():
+        expected = inference_on_dataset(peft_model, loader, evaluator)["sem_seg"]
+    _same_metrics(read_json(out / "metrics.json")["a150"]["uniform"], expected)
