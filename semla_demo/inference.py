@@ -55,6 +55,8 @@ class Segmenter:
         embedder: the retrieval embedder (``semla``).
         prototypes: (N, D) prototypes of the library's adapters, in library order (``semla``).
         measure, top_k, temperature: SemLA's retrieval settings.
+        combination_type, merge: how ``uniform`` and ``semla`` fuse the adapters (PEFT's combination type
+            and its options; ``cat`` is the exact weighted sum).
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class Segmenter:
         measure: str = "euclidean",
         top_k: int = 5,
         temperature: float = 0.05,
+        combination_type: str = "cat",
+        merge: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         from cat_seg.data import mapper_from_cfg
 
@@ -79,6 +83,8 @@ class Segmenter:
         self.measure = measure
         self.top_k = top_k
         self.temperature = temperature
+        self.combination_type = combination_type
+        self.merge = merge
         self._text: torch.Tensor | None = None
 
     @classmethod
@@ -138,6 +144,8 @@ class Segmenter:
             measure=semla.measure,
             top_k=semla.top_k,
             temperature=semla.temperature,
+            combination_type=semla.combination_type,
+            merge=semla.merge,
         )
 
     # -- vocabulary ----------------------------------------------------------------------------------------
@@ -184,6 +192,18 @@ class Segmenter:
         semla = SemlaConfig(measure=self.measure, temperature=self.temperature, top_k=self.top_k)
         return retrieve(embedding, self.prototypes, semla, top_k=top_k or None, temperature=temperature)
 
+    def combination(self, combination_type: str | None = None) -> Any:
+        """The merge of ``combination_type`` (default: the config's), or None for ``cat``."""
+        from domain_orchestrator.settings import COMBINATION_TYPES, SemlaConfig
+
+        kind = combination_type or self.combination_type
+        if kind not in COMBINATION_TYPES:
+            raise ValueError(f"combination_type must be one of {', '.join(COMBINATION_TYPES)}, got {kind!r}")
+        merge = dict(self.merge) if kind == self.combination_type else {}
+        if kind.startswith(("ties", "dare", "magnitude_prune")):
+            merge.setdefault("density", 0.5)
+        return SemlaConfig(combination_type=kind, merge=tuple(merge.items())).combination()
+
     # -- prediction -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(
@@ -193,15 +213,25 @@ class Segmenter:
         *,
         top_k: int | None = None,
         temperature: float | None = None,
+        combination_type: str | None = None,
     ) -> Prediction:
-        """Segment one image file at its own size with the current vocabulary."""
+        """Segment one image file at its own size with the current vocabulary.
+
+        ``combination_type`` overrides the config's fusion for this image (the config's options apply when
+        it is the config's type; a pruning type chosen here keeps half the values, density 0.5).
+        """
+        from domain_orchestrator.merging import merged_library
         from domain_orchestrator.step import kept_adapters, segment
 
         x = self.mapper({"file_name": str(image_path)})
         w = self.weights(image_path, method, top_k=top_k, temperature=temperature)  # retrieve
         if w is None and self._text is None:
             self._text = self.model.text_features()  # the zero-shot class features, kept
-        probs = segment(self.model, self.library, [x], w, text_features=self._text if w is None else None)[0]
+        library, fused = self.library, w
+        spec = self.combination(combination_type) if w is not None else None
+        if spec is not None:  # PEFT's other combination types: this image's merged adapter
+            library, fused = merged_library(self.library, w, spec), torch.eye(1, dtype=torch.float64)
+        probs = segment(self.model, library, [x], fused, text_features=self._text if w is None else None)[0]
         probs = probs["sem_seg"]  # fused and predicted
         used = dict(kept_adapters(w[0], self.library.names)) if w is not None else {}
         from cat_seg.data import read_image

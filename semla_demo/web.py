@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from domain_orchestrator.settings import COMBINATION_TYPES
+
 from .cli import add_model_arguments, add_run_arguments
 from .common import DEMO, METHOD_LABELS
 
@@ -383,6 +385,7 @@ class WebDemo:
         top_k: Any = None,
         temperature: Any = None,
         progress: Progress | None = None,
+        combination_type: str | None = None,
     ) -> Result:
         """Segment one image with ``method`` and with the zero-shot model.
 
@@ -392,6 +395,7 @@ class WebDemo:
             method: ``semla``, ``uniform`` or ``zeroshot``.
             top_k, temperature: SemLA's settings (ignored by the other methods).
             progress: called with (fraction done, what runs now).
+            combination_type: how uniform and SemLA fuse the adapters (PEFT's types; default: the config's).
         Raises:
             InputError: bad input (the message is for the page).
         """
@@ -402,6 +406,8 @@ class WebDemo:
             raise InputError("no image: upload one or pick one from the gallery")
         names = parse_classes(classes, self.limits.max_classes)
         check_settings(method, self.methods, top_k, temperature, len(self.library_names))
+        if combination_type is not None and combination_type not in COMBINATION_TYPES:
+            raise InputError(f"unknown fusion {combination_type!r}; one of {', '.join(COMBINATION_TYPES)}")
         notes: list[str] = []
         k = int(float(top_k)) if method == "semla" else None
         t = float(temperature) if method == "semla" else None
@@ -419,7 +425,9 @@ class WebDemo:
             if method != "zeroshot":
                 report(0.55, "retrieving and fusing adapters" if method == "semla" else "fusing adapters")
                 start = time.perf_counter()
-                prediction = self.segmenter.predict(image_file, method, top_k=k, temperature=t)
+                prediction = self.segmenter.predict(
+                    image_file, method, top_k=k, temperature=t, combination_type=combination_type
+                )
                 seconds[METHOD_LABELS[method]] = time.perf_counter() - start
         report(0.9, "drawing")
         colours = class_colours(prediction.class_names)
@@ -549,6 +557,12 @@ def build_app(demo: WebDemo) -> Any:
                         label="temperature (SemLA, > 0)",
                         elem_id="semla-temperature",
                     )
+                fusion = gr.Dropdown(
+                    choices=list(COMBINATION_TYPES),
+                    value=demo.segmenter.combination_type,
+                    label="fusion (uniform, SemLA): PEFT's combination type",
+                    elem_id="semla-fusion",
+                )
                 run = gr.Button("Segment", variant="primary", elem_id="semla-run")
         status = gr.HTML(status_html("Choose an image, then press Segment."), elem_id="semla-status-box")
         with gr.Row():
@@ -594,12 +608,12 @@ def build_app(demo: WebDemo) -> Any:
             on_pick.__annotations__["evt"] = gr.SelectData
             gallery.select(on_pick, inputs=None, outputs=[chosen, preview, upload, status], queue=False)
 
-        def on_run(path, text, how, k, t, progress=gr.Progress()) -> tuple:  # noqa: ANN001, B008
+        def on_run(path, text, how, k, t, fuse, progress=gr.Progress()) -> tuple:  # noqa: ANN001, B008
             def report(fraction: float, what: str) -> None:
                 progress(fraction, desc=what)
 
             try:
-                res = demo.run(path, text, how, k, t, progress=report)
+                res = demo.run(path, text, how, k, t, progress=report, combination_type=fuse)
                 title, line, table, chart = demo.describe(res, k, t)
             except InputError as e:
                 return gr.update(value=None), gr.update(value=None), status_html(str(e), error=True), "", ""
@@ -627,7 +641,7 @@ def build_app(demo: WebDemo) -> Any:
 
         run.click(
             on_run,
-            inputs=[chosen, classes, method, top_k, temperature],
+            inputs=[chosen, classes, method, top_k, temperature, fusion],
             outputs=[result, zeroshot, status, legend, weights],
             concurrency_limit=1,
         )

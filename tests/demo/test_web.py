@@ -165,6 +165,32 @@ def test_semla_request_uses_the_library_weights(web_demo, tiny_demo: TinyDemo) -
     assert web_demo.segmenter.class_names == ["road", "sky"]
 
 
+def test_the_page_fuses_with_any_combination_type(web_demo, tiny_demo: TinyDemo) -> None:  # noqa: ANN001
+    """A fusion chosen on the page changes how the retrieved adapters are merged, not which ones."""
+    import torch
+
+    from domain_orchestrator.fusion import fused_adapters, fused_text_features
+    from domain_orchestrator.merging import merged_library
+    from semla_demo.web import InputError
+
+    image = tiny_demo.val_image()
+    cat = web_demo.run(image, "road\nsky\ncar", "semla", 2, 0.1)
+    svd = web_demo.run(image, "road\nsky\ncar", "semla", 2, 0.1, combination_type="svd")
+    assert svd.weights == cat.weights
+    segmenter = web_demo.segmenter
+    w = segmenter.weights(image, "semla", top_k=2, temperature=0.1)
+    merged = merged_library(segmenter.library, w, segmenter.combination("svd"))
+    x = segmenter.mapper({"file_name": str(image)})
+    eye = torch.eye(1, dtype=torch.float64)
+    with torch.no_grad():
+        text = fused_text_features(segmenter.model, merged, eye)
+        with fused_adapters(segmenter.model, merged, eye):
+            expected = segmenter.model([x], text_features=text)[0]["sem_seg"].argmax(dim=0).numpy()
+    assert (svd.labels == expected).all()
+    with pytest.raises(InputError, match="unknown fusion 'average'"):
+        web_demo.run(image, "road", "semla", 2, 0.1, combination_type="average")
+
+
 def test_a_domain_spec_gives_the_initial_class_names(tiny_demo: TinyDemo, tmp_path: Path) -> None:
     from cat_seg.data.synthetic import write_own_domain
     from semla_demo import web
