@@ -95,6 +95,21 @@ def _semla_configs_of_one_stem(world: World, tmp: Path) -> list[str]:
     return world.args(tmp / "out", "semla", extra=extra)
 
 
+def _linear_over_unequal_ranks(world: World, tmp: Path) -> list[str]:
+    import json
+
+    library = _copy_library(world, tmp)
+    folder = library / "a150"  # made a rank-2 adapter: its first two rank components
+    tensors = load_file(folder / "adapter_model.safetensors")
+    cut = {k: (v[:2].clone() if "lora_A" in k else v[:, :2].clone()) for k, v in tensors.items()}
+    save_file(cut, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 2, "lora_alpha": 2}))
+    (tmp / "linear.yaml").write_text("combination_type: linear\n")
+    args = _set(world.args(tmp / "out", "uniform"), "--lora_library_path", str(library))
+    return [*args, "--semla_config", str(tmp / "linear.yaml")]
+
+
 def _missing_checkpoint(world: World, tmp: Path) -> list[str]:
     return _set(world.args(tmp / "out", "zeroshot"), "--model_weights", str(tmp / "model_final.pth"))
 
@@ -119,6 +134,10 @@ CASES: dict[str, tuple[Callable[[World, Path], list[str]], str]] = {
     "semla configs without semla": (
         _semla_configs_without_semla,
         r"several --semla_config files make semla columns; add semla to --experiment",
+    ),
+    "linear over unequal ranks": (
+        _linear_over_unequal_ranks,
+        r"uniform: combination_type linear: All adapters must have the same r value",
     ),
     "semla configs of one stem": (
         _semla_configs_of_one_stem,
