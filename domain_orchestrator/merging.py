@@ -49,7 +49,11 @@ How it is computed (per target layer, batched over the images):
   full delta is built as PEFT builds it and decomposed by the same ``torch.linalg.svd`` call, image by
   image (same device, same ``svd_driver`` and ``svd_full_matrices``).
 * the pruned SVD types need the full pruned deltas (pruning is elementwise): computed once per adapter
-  (pruning does not depend on the weights), combined per image, decomposed by one batched SVD.
+  (pruning does not depend on the weights), combined per image, then only the leading ``svd_rank``
+  singular triplets are computed (:func:`truncated_svd`: ``eigh`` of the Gram matrix and a
+  Rayleigh-Ritz step, 2-4x cheaper than the full SVD, as accurate as float32 SVD itself), image by image
+  at each image's own rank so that the result does not depend on the batch. Magnitude pruning finds
+  its threshold in a narrow band (:func:`_kth_smallest`, exact, about twice as fast as ``kthvalue``).
 * the factor types prune each adapter's A and B once and combine them per image.
 * DARE's random masks are drawn, per adapter tensor, from a generator seeded by ``(spec.seed, module,
   adapter name, "A"|"B"|"delta")`` (:func:`dare_mask`): deterministic, and independent of which other
@@ -85,6 +89,7 @@ __all__ = [
     "merge_adapters",
     "merged_library",
     "merged_rank",
+    "truncated_svd",
 ]
 
 #: merged on the A and B factors separately (PEFT requires equal ranks)
@@ -230,6 +235,30 @@ def dare_mask(
     return torch.rand(tuple(shape), generator=generator) < density
 
 
+def _kth_smallest(values: Tensor, k: int) -> Tensor:
+    """``values.kthvalue(k).values`` of a flat tensor, found in a narrow band around it.
+
+    The band's bounds come from the quantiles of a fixed random sample; the count below the band says
+    which element of the band is the answer, so the result is exact whatever the sample (a band that
+    misses it falls back to ``kthvalue`` on everything). About twice as fast as ``kthvalue`` on
+    millions of values.
+    """
+    count = values.numel()
+    if count < 1 << 18:
+        return values.kthvalue(k).values
+    size = 1 << 14
+    generator = torch.Generator().manual_seed(count)
+    sample = values[torch.randint(count, (size,), generator=generator).to(values.device)].sort().values
+    fraction, margin = k / count, 0.02  # the sample quantile's standard deviation is <= 0.004
+    low = sample[max(0, int((fraction - margin) * size))]
+    high = sample[min(size - 1, int((fraction + margin) * size))]
+    below = int(torch.count_nonzero(values < low))
+    band = values[(values >= low) & (values <= high)]
+    if 1 <= k - below <= band.numel():
+        return band.kthvalue(k - below).values
+    return values.kthvalue(k).values
+
+
 def _top_magnitudes(tensor: Tensor, k: int) -> Tensor:
     """The mask of PEFT's magnitude pruning: the ``k`` entries of largest ``|value|`` (``topk``'s choice).
 
@@ -241,12 +270,50 @@ def _top_magnitudes(tensor: Tensor, k: int) -> Tensor:
         return torch.zeros_like(tensor, dtype=torch.bool)
     if k >= magnitude.numel():
         return torch.ones_like(tensor, dtype=torch.bool)
-    threshold = magnitude.kthvalue(magnitude.numel() - k + 1).values
+    threshold = _kth_smallest(magnitude, magnitude.numel() - k + 1)
     keep = magnitude >= threshold
-    if int(keep.sum()) != k:  # ties at the threshold
+    if int(torch.count_nonzero(keep)) != k:  # ties at the threshold
         keep = torch.zeros_like(keep)
         keep[magnitude.topk(k).indices] = True
     return keep.reshape(tensor.shape)
+
+
+def truncated_svd(
+    matrix: Tensor, rank: int, *, driver: str | None = None, oversample: int = 8
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``rank`` leading singular triplets of a batch of matrices (g, m, n): ``(U, S, Vh)`` shaped
+    (g, m, rank), (g, rank), (g, rank, n), equal to ``torch.linalg.svd``'s up to rounding and the signs
+    (or, at equal singular values, the rotation) of the singular vectors.
+
+    A full SVD costs O(m n min(m, n)) with a large constant; only ``rank`` triplets are needed. With
+    ``X`` the matrix or its transpose (n <= m): the ``rank + oversample`` leading eigenvectors ``V0`` of
+    ``X^T X`` (``eigh``, several times faster than the SVD), then Rayleigh-Ritz on ``X`` itself: ``Q`` =
+    orthonormal basis of ``X V0`` and the small SVD of ``Q^T X`` (which also removes the squared
+    condition number of the Gram matrix from the leading triplets' accuracy). Small matrices, and an
+    explicit ``driver`` (a cuSOLVER choice the caller asked for), go to ``torch.linalg.svd``.
+    """
+    flip = matrix.shape[-2] < matrix.shape[-1]
+    x = matrix.transpose(-2, -1) if flip else matrix  # (g, m, n), n <= m
+    n = x.shape[-1]
+    width = min(n, rank + oversample)
+    if driver is not None or 2 * width >= n:
+        u, s, vh = torch.linalg.svd(x, full_matrices=False, driver=driver)
+    else:  # matrix by matrix: a batched matmul may round differently, and the result must not
+        # depend on which other images share the batch (a nearly flat spectrum amplifies rounding)
+        parts = [_leading_triplets(one, width) for one in x.reshape(-1, *x.shape[-2:])]
+        u, s, vh = (torch.stack(p).reshape(*x.shape[:-2], *p[0].shape) for p in zip(*parts))
+    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    if flip:  # matrix = X^T = V S U^T
+        return vh.transpose(-2, -1), s, u.transpose(-2, -1)
+    return u, s, vh
+
+
+def _leading_triplets(x: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`truncated_svd`'s eigh + Rayleigh-Ritz route for one (m, n) matrix, n <= m."""
+    basis = torch.linalg.eigh(x.T @ x).eigenvectors[:, -width:]  # (n, p)
+    q = torch.linalg.qr(x @ basis).Q  # (m, p)
+    small_u, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)  # (p, p), (p,), (p, n)
+    return q @ small_u, s, vh
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,16 +632,16 @@ class _Job:
         delta = self._combine(deltas, coef, election)  # (g, out, in)
         self._check_rank(min(delta.shape[1:]))
         spec = self.spec
-        if spec.svd_clamp is None:  # signs do not matter: any SVD, the tall way (much faster in LAPACK)
-            if delta.shape[1] < delta.shape[2]:
-                v, s, uh = torch.linalg.svd(
-                    delta.transpose(1, 2), full_matrices=False, driver=spec.svd_driver
-                )
-                u, vh = uh.transpose(1, 2), v.transpose(1, 2)
-            else:
-                u, s, vh = torch.linalg.svd(delta, full_matrices=False, driver=spec.svd_driver)
-            rank = min(max(self._ranked()), s.shape[1])
-            return self._truncate(vh[:, :rank], u[:, :, :rank] * s[:, None, :rank])
+        if spec.svd_clamp is None:  # signs do not matter: only the top `rank` triplets, the cheap way
+            # image by image at its own rank: the result must not depend on the batch's other images
+            rank = min(max(self._ranked()), min(delta.shape[1:]))
+            a = delta.new_zeros(len(self.plans), rank, delta.shape[2])
+            b = delta.new_zeros(len(self.plans), delta.shape[1], rank)
+            for i, plan in enumerate(self.plans):
+                r = min(plan.rank, rank)
+                u, s, vh = truncated_svd(delta[i], r, driver=spec.svd_driver)
+                a[i, :r], b[i, :, :r] = vh, u * s
+            return a, b
         # The clamp depends on the singular vectors' signs: PEFT's very call, one image at a time.
         factors = []
         for i, plan in enumerate(self.plans):

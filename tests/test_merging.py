@@ -354,3 +354,52 @@ def test_merge_adapters_on_one_layer() -> None:
         stack, scal, ranks, torch.stack([w, torch.zeros(3, dtype=torch.float64)]), CombinationSpec("svd")
     )
     assert a.shape[0] == 2 and not a[1].any() and not b[1].any()
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (90, 256), (2, 160, 100)])
+def test_truncated_svd_equals_the_full_svd(shape: tuple[int, ...]) -> None:
+    """The eigh + Rayleigh-Ritz route (used above 2 x (rank + 8) columns) against ``torch.linalg.svd``:
+    same singular values, same rank-r reconstruction; low-rank input gives itself back."""
+    from domain_orchestrator.merging import truncated_svd
+
+    g = torch.Generator().manual_seed(1)
+    # a decaying spectrum, then a float32 matrix with a dense (pruning-like) tail
+    matrix = torch.randn(*shape, generator=g, dtype=torch.float64)
+    matrix = matrix * (torch.rand(*shape, generator=g, dtype=torch.float64) < 0.5)
+    matrix = matrix + 3 * torch.randn(*shape[:-1], 6, generator=g, dtype=torch.float64) @ torch.randn(
+        *shape[:-2], 6, shape[-1], generator=g, dtype=torch.float64
+    )
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        x = matrix.to(dtype)
+        u, s, vh = truncated_svd(x, 5)
+        assert (
+            u.shape == (*shape[:-1], 5)
+            and s.shape == (*shape[:-2], 5)
+            and vh.shape == (*shape[:-2], 5, shape[-1])
+        )
+        fu, fs, fvh = torch.linalg.svd(matrix, full_matrices=False)
+        expected = (fu[..., :5] * fs[..., None, :5]) @ fvh[..., :5, :]
+        torch.testing.assert_close(s.double(), fs[..., :5], atol=tol * float(fs.max()), rtol=0)
+        got = (u * s[..., None, :]).double() @ vh.double()
+        torch.testing.assert_close(got, expected, atol=tol * float(expected.abs().max()), rtol=0)
+    low = matrix[..., :3] @ matrix.transpose(-2, -1)[..., :3, :]  # rank 3, asked for 5
+    u, s, vh = truncated_svd(low, 5)
+    torch.testing.assert_close((u * s[..., None, :]) @ vh, low)
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "edges"])
+def test_kth_smallest_equals_kthvalue(case: str) -> None:
+    from domain_orchestrator.merging import _kth_smallest, _top_magnitudes
+
+    g = torch.Generator().manual_seed(2)
+    values = torch.randn(400_000, generator=g).abs()
+    if case == "ties":
+        values = (values * 4).round()  # a handful of distinct values, every one tied many times
+    ks = [1, 2, 400_000, 399_999] if case == "edges" else [100_000, 200_000, 200_001, 390_000]
+    for k in ks:
+        assert torch.equal(_kth_smallest(values, k), values.kthvalue(k).values), k
+    matrix = values.reshape(400, 1000)
+    for k in (1, 123_457, 399_999):  # magnitude pruning keeps exactly k, the largest, as topk does
+        keep = _top_magnitudes(matrix, k)
+        assert int(keep.sum()) == k
+        assert float(matrix[keep].min()) >= float(matrix[~keep].max())
