@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only print the tables of a run saved by --output",
+    )
     return p
 
 
@@ -406,6 +413,11 @@ def loop_costs(args: argparse.Namespace, device: str) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.render:
+        import json
+
+        print(render(json.loads(args.render.read_text(encoding="utf-8"))))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -500,7 +512,8 @@ def render(r: dict) -> str:
         ]
         labels = {
             "zero_shot": "zero-shot (text cached once)",
-            "library": "SemLA default, no merge step: `segment(model, library, ...)`",
+            "library": "`cat` as `experiments.py` and `demo.py` run it (no merge step): `segment(model, library, ...)`",
+            "cat": "`cat` through `merged_library` (not what the tools run): merge + text + fused forward",
         }
         for key, f in loop["runs"].items():
             label = labels.get(key, f"`{key}`: merge + text + fused forward")
