@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: semla with a library and an embedder, uniform with a library only, zeroshot otherwise",
     )
     parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation (TEST.AUG.ENABLED True): the TEST.AUG.MIN_SIZES scales and their flips, "
+        "probabilities averaged (the adapter weights come from the image, once)",
+    )
+    parser.add_argument(
         "--web", action="store_true", help="serve the web demo instead (its flags: demo.py --web --help)"
     )
     add_run_arguments(parser)
@@ -106,6 +112,8 @@ def _run(args: argparse.Namespace) -> int:
 
     images = find_images(args.input)
     _missing_demo_files(args)
+    if args.tta:  # the override TEST.AUG.ENABLED True, before the user's KEY VALUE pairs
+        args.opts = ["TEST.AUG.ENABLED", "True", *(args.opts or [])]
     segmenter = segmenter_from_args(args)
     method = args.method or (
         "semla"

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         "first image's adapters of each target, reused for the others (the original code)",
     )
     parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation (TEST.AUG.ENABLED True): each image predicted at the TEST.AUG.MIN_SIZES "
+        "scales and their flips, probabilities averaged; SemLA weights and text features once per image",
+    )
+    parser.add_argument(
         "--config_overlay",
         type=Path,
         action="append",
@@ -217,7 +223,8 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         num_workers=args.num_workers,
         text_features=args.text_features,
         config_overlays=tuple(p.absolute() for p in args.config_overlay),
-        opts=tuple(args.opts or ()),
+        # --tta is the override TEST.AUG.ENABLED True, first, so that the user's KEY VALUE pairs come after it
+        opts=(*(("TEST.AUG.ENABLED", "True") if args.tta else ()), *(args.opts or ())),
         resume=args.resume,
         overwrite=args.overwrite,
         save_every=args.save_every,

@@ -8,8 +8,10 @@ outputs (:mod:`domain_orchestrator.reporting`). Per batch, every experiment pred
 (``oracle``), 1/N over the sources (``uniform``) or each image's retrieved weights (``semla``,
 :func:`domain_orchestrator.step.retrieve`). Under ``torch.distributed`` each process evaluates a
 contiguous shard of every target; confusion matrices are summed and weights gathered, so the outputs
-equal a one-process run. Inside a target, the resume state (:mod:`domain_orchestrator.resume`) is saved
-every ``save_every`` seconds and on interruption.
+equal a one-process run. With ``TEST.AUG.ENABLED`` (``experiments.py --tta``) every experiment predicts
+each batch from the test-time views (:func:`~domain_orchestrator.step.segment`'s ``tta``): the weights
+and the text features stay those of the original image, computed once. Inside a target, the resume
+state (:mod:`domain_orchestrator.resume`) is saved every ``save_every`` seconds and on interruption.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cat_seg.engine.setup import collect_run_info, resolve_device
 from cat_seg.evaluation import SemSegEvaluator
 from cat_seg.modeling import build_model
 from cat_seg.progress import progress
+from cat_seg.test_time_augmentation import TTASettings
 
 from .embedding import EmbeddingError, load_embedder
 from .fusion import fused_text_features
@@ -78,6 +81,7 @@ class _Job:
     uniform_record: dict[str, float] = field(default_factory=dict)
     shared_text: dict[str, torch.Tensor] = field(default_factory=dict)
     merged: dict[str, tuple[Any, torch.Tensor]] = field(default_factory=dict)  # merged once per target
+    tta: TTASettings | None = None  # the target's TEST.AUG views (None: one forward pass per batch)
 
 
 class Session:
@@ -194,7 +198,12 @@ class Session:
             if experiment in state.confusion:
                 evaluator.add_confusion(state.confusion[experiment].numpy(), state.num_images[experiment])
             evaluators[experiment] = evaluator
-        return _Job(target, model, self.libraries[target.arch], spec, begin, shard, state, evaluators)
+        tta = TTASettings.from_cfg(target.cfg)
+        if tta is not None and self.info.is_main:
+            logger.info("%s: test-time augmentation, %s", target.name, tta.describe())
+        return _Job(
+            target, model, self.libraries[target.arch], spec, begin, shard, state, evaluators, tta=tta
+        )
 
     def _weigh(self, job: _Job) -> None:
         """Weights (rows over the library's columns; uniform and semla use the sources only)."""
@@ -287,7 +296,7 @@ class Session:
                 rows = job.fixed.get(experiment)
             library, weights = self._fused(job, experiment, rows, cache=experiment in job.fixed)
             text = self._text_features(job, experiment, library, weights)
-            outputs = segment(job.model, library, batch, weights, text_features=text)
+            outputs = segment(job.model, library, batch, weights, text_features=text, tta=job.tta)
             predictions[experiment] = [
                 label_prediction(o["sem_seg"], x["sem_seg"], resize_to_label=job.spec.resize_to is not None)
                 for o, x in zip(outputs, batch)

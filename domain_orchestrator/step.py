@@ -9,6 +9,11 @@
 :func:`semla_step` is those lines for a batch of images with their embeddings; ``experiments.py``
 (:mod:`domain_orchestrator.loop`), ``demo.py`` and the web demo (:mod:`semla_demo.inference`) and the demo
 report all predict through :func:`segment`, and weight images through :func:`retrieve`.
+
+Test-time augmentation (``segment(..., tta=...)``, ``experiments.py --tta``, ``demo.py --tta``): the weights
+stay those of the original image (retrieved once, from its embedding), the class-text features are
+computed once, and every view of the batch goes through the same fused adapters
+(:func:`cat_seg.test_time_augmentation.predict_with_tta` inside one :func:`fused_adapters` block).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from cat_seg.test_time_augmentation import TTASettings, predict_with_tta
 
 from .fusion import fused_adapters, fused_text_features
 from .retrieval import scores, semla_weights
@@ -56,6 +63,7 @@ def segment(
     weights: Tensor | None,
     *,
     text_features: Tensor | None = None,
+    tta: TTASettings | None = None,
 ) -> list[dict[str, Tensor]]:
     """Fuse and predict: each image of ``batch`` through the base model plus its row of ``weights``.
 
@@ -64,16 +72,20 @@ def segment(
         library: the :class:`~domain_orchestrator.library.AdapterLibrary` the weights index.
         batch: the model's inputs (one dict per image).
         weights: (B, N) one row per image, (1, N) shared by the batch, or None for the base model alone.
-        text_features: the class-text features to use; None computes them (under each image's adapters).
+        text_features: the class-text features to use; None computes them (under each image's adapters),
+            once for all test-time views.
+        tta: test-time augmentation: every view of the batch predicted with the same adapters, weights and
+            text features, the views' probabilities averaged (None: one forward pass).
     Returns:
         the model's outputs, ``[{"sem_seg": (T, H, W)}, ...]``.
     """
     if weights is None:
-        return model(batch, text_features=model.text_features() if text_features is None else text_features)
+        text = model.text_features() if text_features is None else text_features
+        return predict_with_tta(lambda views: model(views, text_features=text), batch, tta)
     if text_features is None:
         text_features = fused_text_features(model, library, weights)
     with fused_adapters(model, library, weights):
-        return model(batch, text_features=text_features)
+        return predict_with_tta(lambda views: model(views, text_features=text_features), batch, tta)
 
 
 def kept_adapters(row: Tensor, names: Sequence[str]) -> Mapping[str, float]:

@@ -50,7 +50,8 @@ class Segmenter:
 
     Args:
         model: a ``CATSeg`` with its weights loaded (eval mode is set here).
-        cfg: the config it was built from (for the test resize: ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``).
+        cfg: the config it was built from (for the test resize: ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``;
+            test-time augmentation: ``TEST.AUG.*``).
         library: adapters to fuse (``uniform`` and ``semla``).
         embedder: the retrieval embedder (``semla``).
         prototypes: (N, D) prototypes of the library's adapters, in library order (``semla``).
@@ -74,6 +75,7 @@ class Segmenter:
         merge: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         from cat_seg.data import mapper_from_cfg
+        from cat_seg.test_time_augmentation import TTASettings
 
         self.model = model.eval()
         self.mapper = mapper_from_cfg(cfg, is_train=False)
@@ -85,6 +87,7 @@ class Segmenter:
         self.temperature = temperature
         self.combination_type = combination_type
         self.merge = merge
+        self.tta = TTASettings.from_cfg(cfg)  # TEST.AUG.ENABLED (demo.py --tta): test-time views
         self._text: torch.Tensor | None = None
 
     @classmethod
@@ -231,7 +234,8 @@ class Segmenter:
         spec = self.combination(combination_type) if w is not None else None
         if spec is not None:  # PEFT's other combination types: this image's merged adapter
             library, fused = merged_library(self.library, w, spec), torch.eye(1, dtype=torch.float64)
-        probs = segment(self.model, library, [x], fused, text_features=self._text if w is None else None)[0]
+        text = self._text if w is None else None
+        probs = segment(self.model, library, [x], fused, text_features=text, tta=self.tta)[0]
         probs = probs["sem_seg"]  # fused and predicted
         used = dict(kept_adapters(w[0], self.library.names)) if w is not None else {}
         from cat_seg.data import read_image

@@ -629,6 +629,13 @@ def validate_config(cfg: CfgNode) -> None:
         raise ConfigError(f"MODEL.LORA.DROPOUT must be in [0, 1), got {lora.DROPOUT!r}")
     if lora.BIAS not in _LORA_BIAS_TYPES:
         raise ConfigError(f"MODEL.LORA.BIAS must be one of {_LORA_BIAS_TYPES}, got {lora.BIAS!r}")
+    if cfg.TEST.AUG.ENABLED:  # the other TEST.AUG keys matter (and are checked) only when it is on
+        from .test_time_augmentation import TTASettings
+
+        try:
+            TTASettings.from_cfg(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def load_config(

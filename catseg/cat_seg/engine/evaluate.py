@@ -12,6 +12,10 @@ reuse it, or :func:`inference_on_dataset` with its own loader and evaluator. Per
    :class:`~cat_seg.evaluation.SemSegEvaluator`, with the metric convention of the dataset
    (cityscapesScripts ``IoU`` for ACDC, MUSES and Cityscapes; detectron2 ``mIoU`` otherwise).
 
+With ``tta`` (:class:`~cat_seg.test_time_augmentation.TTASettings`, ``TEST.AUG.*``) each batch is predicted
+from every test-time view and the views' probabilities are averaged
+(:func:`~cat_seg.test_time_augmentation.predict_with_tta`); the text features are still computed once.
+
 Under ``torch.distributed`` each rank predicts its shard and the evaluator sums the confusion matrices,
 so every rank must call these functions and every rank gets the same numbers.
 """
@@ -43,6 +47,7 @@ from ..data import (
 from ..data.transforms import resize_nearest_exact
 from ..evaluation import SemSegEvaluator
 from ..progress import progress as report_progress
+from ..test_time_augmentation import TTASettings, predict_with_tta
 from .io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -135,6 +140,7 @@ def inference_on_dataset(
     resize_to_label: bool = False,
     desc: str = "evaluation",
     progress: bool = True,
+    tta: TTASettings | None = None,
 ) -> dict[str, dict[str, float | int]]:
     """Predict every batch of ``loader`` and return ``evaluator.evaluate()``.
 
@@ -149,6 +155,8 @@ def inference_on_dataset(
             resized Cityscapes mapper); otherwise a size mismatch is an error of the evaluator.
         desc: what is evaluated, for the progress output.
         progress: show progress on rank 0 (a bar on a terminal, else a log line every 30 s).
+        tta: test-time augmentation: every batch predicted from these views, probabilities averaged
+            (None: one forward pass per batch).
     Returns:
         ``{"sem_seg": {...}}`` as :meth:`SemSegEvaluator.evaluate` returns it.
     """
@@ -171,7 +179,7 @@ def inference_on_dataset(
             weight=len,
         )
         for batch in batches:
-            outputs = catseg(batch, text_features=text_features)
+            outputs = predict_with_tta(lambda views: catseg(views, text_features=text_features), batch, tta)
             for inputs, output in zip(batch, outputs):
                 if "sem_seg" not in inputs:
                     raise ValueError(f"{inputs.get('file_name')}: no label to evaluate against")
@@ -207,6 +215,7 @@ def evaluate_datasets(
     batch_size: int = 1,
     num_workers: int | None = None,
     extra: Mapping[str, Any] | None = None,
+    tta: TTASettings | None = None,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Evaluate ``model`` on every dataset of ``DATASETS.TEST``.
 
@@ -217,10 +226,13 @@ def evaluate_datasets(
         root: the dataset root; not needed for datasets given in ``records``.
         records: preloaded records per dataset name (else :func:`~cat_seg.data.load_records`).
         output_dir: when given, rank 0 writes ``<output_dir>/inference/<dataset>/metrics.json``
-            (atomically): ``{"dataset", "metric", "value", "sem_seg": {...}}`` plus ``extra``.
+            (atomically): ``{"dataset", "metric", "value", "sem_seg": {...}}`` plus ``extra``; with
+            ``tta``, ``<output_dir>/inference_TTA/<dataset>/metrics.json`` (the original's folder) with a
+            ``"tta"`` entry describing the views.
         batch_size: images per forward pass (the original: 1).
         num_workers: loader workers; default ``DATALOADER.NUM_WORKERS``.
         extra: more keys for ``metrics.json`` (e.g. the iteration).
+        tta: predict every image from these test-time views (None: the plain single view).
     Returns:
         ``{dataset: {"sem_seg": {...}}}`` in ``DATASETS.TEST`` order.
     Raises:
@@ -248,27 +260,48 @@ def evaluate_datasets(
             class_names=spec.class_names(),
             convention=spec.metric_convention,
         )
-        logger.info("evaluating on %s (%d images)", name, len(dataset_records))
+        logger.info(
+            "evaluating on %s (%d images)%s",
+            name,
+            len(dataset_records),
+            f" with test-time augmentation, {tta.describe()}" if tta is not None else "",
+        )
         # text_features=None: computed once for the dataset inside inference_on_dataset
         result = inference_on_dataset(
-            catseg, loader, evaluator, resize_to_label=spec.resize_to is not None, desc=name
+            catseg,
+            loader,
+            evaluator,
+            resize_to_label=spec.resize_to is not None,
+            desc=name if tta is None else f"{name} (TTA)",
+            tta=tta,
         )
         results[name] = result
         key, value = reported_metric(result["sem_seg"])
         logger.info("%s: %s = %.2f", name, key, value)
         if output_dir is not None and _is_main_process():
-            path = Path(output_dir) / "inference" / name / "metrics.json"
+            folder = "inference" if tta is None else "inference_TTA"
+            described = {} if tta is None else {"tta": _tta_record(tta)}
             atomic_write_json(
-                path,
+                Path(output_dir) / folder / name / "metrics.json",
                 {
                     "dataset": name,
                     "metric": key,
                     "value": value,
                     **(extra or {}),
+                    **described,
                     "sem_seg": result["sem_seg"],
                 },
             )
     return results
+
+
+def _tta_record(tta: TTASettings) -> dict[str, Any]:
+    return {
+        "min_sizes": list(tta.min_sizes),
+        "max_size": tta.max_size,
+        "flip": tta.flip,
+        "views": len(tta.views),
+    }
 
 
 def format_results_table(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:

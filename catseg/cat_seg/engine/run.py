@@ -5,7 +5,9 @@ Flows (as in the original SemLA code):
 
 - LoRA training (``MODEL.LORA.ENABLED True``): build CAT-Seg, load ``MODEL.WEIGHTS``, attach a new
   adapter, train only the LoRA factors, save the adapter to ``DB_PATH/NAME/``, evaluate ``DATASETS.TEST``.
-- LoRA evaluation (``--eval-only``): build, load the base weights, load ``DB_PATH/NAME``, evaluate.
+- LoRA evaluation (``--eval-only``): build, load the base weights, load ``DB_PATH/NAME``, evaluate; with
+  ``TEST.AUG.ENABLED`` evaluate again with test-time augmentation (results ``<dataset>_TTA``, files in
+  ``inference_TTA/``), as the original's ``Trainer.test_with_TTA``.
 - Plain CAT-Seg fine-tuning / evaluation (LoRA disabled): the same without the adapter; the trainable
   CLIP parameters follow ``MODEL.SEM_SEG_HEAD.CLIP_FINETUNE``.
 
@@ -36,6 +38,7 @@ from ..data.io import check_files
 from ..lora import resolve_target_modules
 from ..modeling import build_model
 from ..modeling.text import load_class_names
+from ..test_time_augmentation import TTASettings
 from .checkpoint import (
     LAST_CHECKPOINT,
     ResumeError,
@@ -275,8 +278,12 @@ def prepare_run(cfg: CfgNode, options: RunOptions, data_root: str | os.PathLike[
     if options.eval_batch_size < 1:
         raise ValueError(f"--eval-batch-size must be >= 1, got {options.eval_batch_size}")
     mapper_from_cfg(cfg, is_train=False)  # INPUT.* errors now, not after training
-    if cfg.TEST.AUG.ENABLED:
-        raise ValueError("TEST.AUG.ENABLED (test-time augmentation) is not supported; set it to False")
+    TTASettings.from_cfg(cfg)  # TEST.AUG.* errors now (load_config checks them too)
+    if cfg.TEST.AUG.ENABLED and not options.eval_only:
+        logger.warning(
+            "TEST.AUG.ENABLED: test-time augmentation applies to --eval-only runs (as in the original); "
+            "the evaluations of this training run use the plain single view"
+        )
     shapes_only = build_model(cfg, "meta", class_names=False)  # architecture errors now (no memory used)
     training = not options.eval_only
     if training:
@@ -389,17 +396,29 @@ def _configure_torch(device: torch.device, world_size: int) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def _evaluate(plan: RunPlan, model: nn.Module, metrics: MetricsLog, iteration: int | None) -> dict[str, Any]:
+def _evaluate(
+    plan: RunPlan,
+    model: nn.Module,
+    metrics: MetricsLog,
+    iteration: int | None,
+    *,
+    tta: TTASettings | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``DATASETS.TEST``; with ``tta`` a second time with test-time augmentation, whose results are
+    added as ``<dataset>_TTA`` (the original's ``test_with_TTA`` naming)."""
     if not plan.cfg.DATASETS.TEST:
         return {}
-    results = evaluate_datasets(
-        plan.cfg,
-        model,
-        records=plan.test_records,
-        output_dir=plan.output_dir,
-        batch_size=plan.options.eval_batch_size,
-        extra={"iteration": iteration} if iteration is not None else None,
-    )
+    common = {
+        "records": plan.test_records,
+        "output_dir": plan.output_dir,
+        "batch_size": plan.options.eval_batch_size,
+        "extra": {"iteration": iteration} if iteration is not None else None,
+    }
+    results = evaluate_datasets(plan.cfg, model, **common)
+    if tta is not None:
+        logger.info("running inference with test-time augmentation (%s)", tta.describe())
+        augmented = evaluate_datasets(plan.cfg, model, **common, tta=tta)
+        results.update({f"{name}_TTA": result for name, result in augmented.items()})
     metrics.write(
         {
             "event": "evaluation",
@@ -469,7 +488,8 @@ def run(plan: RunPlan, info: DistInfo | None = None) -> RunOutcome:
     """Run a prepared plan in this process (call it in every process of a distributed run).
 
     Rank 0 writes ``config.yaml``, ``run_info.json``, ``metrics.jsonl``, checkpoints, the adapter and
-    ``inference/<dataset>/metrics.json`` under ``OUTPUT_DIR``; every rank trains and evaluates its share.
+    ``inference/<dataset>/metrics.json`` (and ``inference_TTA/<dataset>/metrics.json`` for an ``--eval-only``
+    run with ``TEST.AUG.ENABLED``) under ``OUTPUT_DIR``; every rank trains and evaluates its share.
 
     Args:
         plan: from :func:`prepare_run`.
@@ -514,7 +534,8 @@ def run(plan: RunPlan, info: DistInfo | None = None) -> RunOutcome:
     if options.eval_only:
         if plan.lora is not None:
             model = load_adapter(model, cfg.MODEL.LORA.DB_PATH, plan.lora["name"])
-        return RunOutcome(model=model, results=_evaluate(plan, model, metrics, None))
+        tta = TTASettings.from_cfg(cfg)
+        return RunOutcome(model=model, results=_evaluate(plan, model, metrics, None, tta=tta))
     reference = plan.lora is not None and bool(cfg.MODEL.LORA.REFERENCE_TRAINING)
     if plan.lora is not None:
         model = attach_lora(model, cfg)  # with REFERENCE_TRAINING: inert q/k/v LoRA, training guidance
