@@ -77,6 +77,7 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "cat_seg.data.synthetic": _synthetic,
     "demo.py": lambda: _script(REPO_ROOT, "demo").build_parser(),
     "demo.py --web": _web,
+    "train_library.py": lambda: _script(REPO_ROOT, "train_library").build_parser(),
 }
 
 
