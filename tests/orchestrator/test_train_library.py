@@ -161,3 +161,60 @@ def test_local_build_trains_what_is_missing_and_resumes(tmp_path: Path, capsys) 
         assert (library / name / f"{name}_statistics.npz").is_file()
     assert "library complete: 4 adapters" in table
     assert os.path.isfile(runs / "acdc-night" / "train_library.log")
+
+
+@pytest.mark.slow
+def test_a_killed_build_run_again_finishes_only_what_is_missing(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The whole build (and its submitit jobs) killed once the first adapter exists; the same command again
+    skips that adapter and trains the rest."""
+    import signal
+    import subprocess
+    import time
+
+    from cat_seg.checkpoint import save_checkpoint
+    from cat_seg.config import load_config
+    from cat_seg.data.synthetic import write_synthetic
+    from cat_seg.modeling import build_model
+
+    root = tmp_path / "data"
+    write_synthetic("acdc", root, 4, seed=0, conditions=["rain", "fog", "snow"])
+    base = tmp_path / "base.pth"
+    torch.manual_seed(0)
+    save_checkpoint(build_model(load_config(TINY_CONFIG), "cpu"), base)
+    library, runs = tmp_path / "loradb", tmp_path / "runs"
+    names = ["acdc-rain", "acdc-fog", "acdc-snow"]
+    argv = [
+        "--source_domains", str(_domains(tmp_path / "domains.yaml", names)),
+        "--lora_library_path", str(library), "--output_dir", str(runs),
+        "--model_weights", str(base), "--embedding_model", "catseg", "--config", str(TINY_CONFIG),
+        "--datasets_root", str(root), "--device", "cpu", "--executor", "local", "--jobs", "1",
+        "SOLVER.MAX_ITER", "12", "SOLVER.CHECKPOINT_PERIOD", "4", "DATALOADER.NUM_WORKERS", "0",
+    ]  # fmt: skip
+    build = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "train_library.py"), *argv],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches the submitit jobs too
+    )
+    first = library / "acdc-rain" / "adapter_model.safetensors"
+    deadline = time.monotonic() + 300
+    while not first.is_file() and build.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(build.pid, signal.SIGKILL)
+    build.wait()
+    assert first.is_file(), "the first adapter never appeared"
+    assert not (library / "acdc-snow").exists()  # killed before the last one was trained
+
+    assert main(argv) == 0
+    status = {
+        line.split()[0]: line.rstrip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("acdc-")
+    }
+    assert status["acdc-rain"].endswith("done before")
+    assert status["acdc-fog"].endswith(("trained", "trained (resumed)"))
+    assert status["acdc-snow"].endswith("trained")
+    for name in names:
+        assert (library / name / "adapter_model.safetensors").is_file()
+        assert (library / name / f"{name}_statistics.npz").is_file()
