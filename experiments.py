@@ -8,6 +8,8 @@ Examples (from the repository root; relative checkpoint and library paths also r
         --remove_target_adapter --embedding_model /models/clip-vit-large-patch14 --output_dir results/semla
     python experiments.py --experiment zeroshot uniform semla oracle ...      # all four, side by side
     torchrun --nproc_per_node 4 experiments.py --experiment semla ...         # images sharded over processes
+    python experiments.py ... --executor slurm --slurm_partition gpu          # one Slurm job per target, collected
+    python experiments.py ... --collect                                       # collect the per-target runs again
 
 Exit status: 0 on success, 1 when the run is refused or fails with a clear message (every problem
 found before the first image is listed), 2 for a usage error, 130 when interrupted (progress is saved;
@@ -23,6 +25,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from domain_orchestrator.executors import add_executor_flags  # light: no torch
 from domain_orchestrator.settings import EXPERIMENTS  # light: no torch
 
 logger = logging.getLogger("experiments")
@@ -139,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    add_executor_flags(  # without --executor: every target in this process, as always
+        parser,
+        unit="target",
+        default=None,
+        executor_help="split the run into one job per target: local (a queue on this machine) or slurm (a job "
+        "array); the outputs go to OUTPUT_DIR/targets/<target>/ and are collected when every job has succeeded "
+        "(default: none, every target in this process)",
+    )
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="merge the per-target runs of OUTPUT_DIR/targets/ into the run's files (what --executor does "
+        "at the end), e.g. after rerunning a failed target",
+    )
     parser.add_argument(
         "opts",
         nargs=argparse.REMAINDER,
@@ -194,19 +211,42 @@ def _semla_configs(given: list[Path] | None) -> dict[str, object]:
     return {"semla_config": None, "semla_configs": tuple(p.absolute() for p in files)}
 
 
-def _main(args: argparse.Namespace, argv: list[str]) -> int:
-    from cat_seg.engine.launch import launch, torchrun_world
-    from cat_seg.engine.setup import device_type, logging_to
-    from domain_orchestrator.orchestrator import ExperimentSettings, prepare
+#: The flags of :func:`add_executor_flags` (they choose where a run's jobs go, not what a run computes).
+_EXECUTOR_FLAGS = {
+    "executor",
+    "gpus",
+    "jobs",
+    "slurm_partition",
+    "slurm_time",
+    "slurm_gpus_per_job",
+    "slurm_cpus_per_gpu",
+    "slurm_array_parallelism",
+    "slurm_account",
+    "slurm_qos",
+    "dry_run",
+}
 
-    root = args.datasets_root
-    if root is None and os.environ.get("DETECTRON2_DATASETS"):
-        root = Path(os.environ["DETECTRON2_DATASETS"])
-    if args.num_processes < 1:
-        raise ValueError(f"--num_processes must be >= 1, got {args.num_processes}")
-    torchrun = torchrun_world()
-    world = torchrun.world_size if torchrun is not None else args.num_processes
-    settings = ExperimentSettings(
+
+def _check_executor_flags(args: argparse.Namespace) -> None:
+    """Executor flags need ``--executor``; ``--collect`` takes none of them."""
+    parser = build_parser()
+    given = sorted(f for f in _EXECUTOR_FLAGS if getattr(args, f) != parser.get_default(f))
+    if args.collect and given:
+        raise ValueError(f"--collect only collects; leave out --{', --'.join(given)}")
+    if args.executor is None and given:
+        raise ValueError(f"--{given[0]} is an option of split runs: add --executor local or --executor slurm")
+
+
+def _dataset_root(args: argparse.Namespace) -> Path | None:
+    if args.datasets_root is None and os.environ.get("DETECTRON2_DATASETS"):
+        return Path(os.environ["DETECTRON2_DATASETS"])
+    return args.datasets_root
+
+
+def _settings(args: argparse.Namespace, argv: list[str]):  # noqa: ANN202 - ExperimentSettings (lazy import)
+    from domain_orchestrator.orchestrator import ExperimentSettings
+
+    return ExperimentSettings(
         experiments=tuple(args.experiment),
         source_domains=args.source_domains,
         target_domains=args.target_domains,
@@ -217,7 +257,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         **_semla_configs(args.semla_config),
         remove_target_adapter=args.remove_target_adapter,
         embedding_model=args.embedding_model,
-        datasets_root=root,
+        datasets_root=_dataset_root(args),
         device=args.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
@@ -231,6 +271,25 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         progress=not args.no_progress,
         argv=tuple(argv),
     )
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
+    from cat_seg.engine.launch import launch, torchrun_world
+    from cat_seg.engine.setup import device_type, logging_to
+    from domain_orchestrator.orchestrator import prepare
+
+    _check_executor_flags(args)
+    if args.num_processes < 1:
+        raise ValueError(f"--num_processes must be >= 1, got {args.num_processes}")
+    if args.collect:
+        return _collect(args, argv)
+    torchrun = torchrun_world()
+    if args.executor is not None:
+        if torchrun is not None:
+            raise ValueError("--executor starts its own jobs: run it without torchrun (use --num_processes)")
+        return _split(args, argv)
+    world = torchrun.world_size if torchrun is not None else args.num_processes
+    settings = _settings(args, argv)
     with logging_to(None, rank=torchrun.rank if torchrun is not None else 0):
         plan = prepare(settings, world_size=world)
     import torch.multiprocessing as mp
@@ -244,6 +303,94 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         )
     except mp.ProcessExitedException:  # a spawned process failed; it printed why
         return 1
+    return 0
+
+
+# -- one job per target (--executor), and --collect ----------------------------------------------------------
+
+
+def _run_argv(argv: list[str], args: argparse.Namespace) -> list[str]:
+    """The command line of the whole run as a single run would record it: without the executor flags and
+    ``--collect``."""
+    from domain_orchestrator import split
+
+    kept, overrides = split.without_flags(
+        build_parser(), argv, args.opts or [], _EXECUTOR_FLAGS | {"collect"}
+    )
+    return [*kept, *overrides]
+
+
+def _columns(args: argparse.Namespace) -> list[str]:
+    """The experiment columns the command line asks for (``semla`` as its ablation columns, if several)."""
+    from domain_orchestrator.plan import experiment_columns
+    from domain_orchestrator.settings import semla_column
+
+    paths = _semla_configs(args.semla_config).get("semla_configs", ())
+    return experiment_columns(args.experiment, {semla_column(p): None for p in paths})
+
+
+def _collect(args: argparse.Namespace, argv: list[str]) -> int:
+    from domain_orchestrator import split
+    from domain_orchestrator.domains import read_domain_list, register_spec_folder
+    from domain_orchestrator.reporting import format_summary
+
+    if args.domain_specs is not None:
+        register_spec_folder(args.domain_specs)
+    targets = read_domain_list(args.target_domains, what="target domains")
+    output_dir = args.output_dir.absolute()
+    book = split.collect(output_dir, targets, argv=_run_argv(argv, args), columns=_columns(args))
+    print(format_summary(book), flush=True)
+    print(f"results collected from {output_dir / split.TARGETS_DIR} into {output_dir}", flush=True)
+    return 0
+
+
+def _split(args: argparse.Namespace, argv: list[str]) -> int:
+    """One job per target through the executor, then the collect step."""
+    from cat_seg.engine.setup import logging_to
+    from domain_orchestrator import split
+    from domain_orchestrator.executors import executor_options
+    from domain_orchestrator.orchestrator import prepare
+    from domain_orchestrator.reporting import format_summary
+
+    options = executor_options(args)
+    if options.executor == "local" and any(options.slots) and args.num_processes > 1:
+        raise ValueError(
+            "--gpus gives each job one GPU; --num_processes > 1 needs --executor slurm with "
+            "--slurm_gpus_per_job (or one job on several GPUs: run without --executor)"
+        )
+    settings = _settings(args, argv)
+    with logging_to(None):  # everything checked once, before any job starts
+        plan = prepare(settings, world_size=args.num_processes)
+    output_dir = plan.output_dir
+    if not (args.resume or args.overwrite):
+        split.refuse_earlier_runs(output_dir, [t.name for t in plan.targets])
+    kept, overrides = split.without_flags(
+        build_parser(), argv, args.opts or [], _EXECUTOR_FLAGS | {"target_domains", "output_dir"}
+    )
+    script = Path(__file__).resolve()
+    jobs = split.plan_jobs(plan, kept, overrides, script=script, cwd=Path.cwd(), root=script.parent)
+    if args.dry_run:
+        print(split.describe(jobs, options, output_dir, target_list=args.target_domains), flush=True)
+        return 0
+    failed = split.run_jobs(jobs, options, output_dir)
+    if failed:
+        print(
+            f"experiments.py: {len(failed)} of {len(jobs)} target(s) failed: {', '.join(failed)} (logs: "
+            f"{output_dir / split.TARGETS_DIR}/<target>/{split.LOG_FILE}); nothing collected. Run the same command "
+            "with --resume to run only the unfinished targets again and collect",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    book = split.collect(
+        output_dir,
+        [t.name for t in plan.targets],
+        argv=_run_argv(argv, args),
+        columns=plan.experiments,
+        fingerprint=plan.fingerprint,
+    )
+    print(format_summary(book), flush=True)
+    print(f"results collected from {output_dir / split.TARGETS_DIR} into {output_dir}", flush=True)
     return 0
 
 

@@ -102,11 +102,20 @@ class ExecutorOptions:
     dry_run: bool = False
 
 
-def add_executor_flags(parser: argparse.ArgumentParser, *, unit: str) -> None:
+def add_executor_flags(
+    parser: argparse.ArgumentParser,
+    *,
+    unit: str,
+    default: str | None = "local",
+    executor_help: str | None = None,
+) -> None:
     """``--executor``, ``--gpus``, ``--jobs``, ``--slurm_*`` and ``--dry_run``; ``unit`` names one job's work
-    in the help texts (e.g. "adapter")."""
+    in the help texts (e.g. "adapter"); ``default``/``executor_help``: ``--executor``'s default and help."""
     parser.add_argument(
-        "--executor", choices=("local", "slurm"), default="local", help="where the jobs run (default: local)"
+        "--executor",
+        choices=("local", "slurm"),
+        default=default,
+        help=executor_help or f"where the jobs run (default: {default})",
     )
     parser.add_argument("--gpus", help=f"local: GPU ids, one {unit} per GPU at a time (e.g. 0,1,2,3)")
     parser.add_argument(

@@ -126,11 +126,13 @@ class Session:
         if any(is_semla(e) for e in plan.experiments):
             first_model = next(iter(self.models.values()))
             self.embedder, self.prototypes = self._retrieval_setup(first_model, problems)
-        if opened is not None and plan.sources:  # a merge PEFT would refuse, said before any image
+        combined = {e: spec for e in plan.experiments if (spec := self._combination(e)) is not None}
+        # a merge PEFT would refuse, said before any image (the library holds the sources when uniform or
+        # semla run; with oracle alone it holds the targets' adapters only)
+        if opened is not None and plan.sources and combined:
             ranks = [opened.infos[i].rank for i in opened.index(plan.sources)]
-            for experiment in plan.experiments:
-                spec = self._combination(experiment)
-                reason = check_combination(spec, ranks) if spec is not None else None
+            for experiment, spec in combined.items():
+                reason = check_combination(spec, ranks)
                 if reason is not None:
                     problems.append(f"{experiment}: combination_type {spec.combination_type}: {reason}")
         if problems:
@@ -209,7 +211,11 @@ class Session:
         """Weights (rows over the library's columns; uniform and semla use the sources only)."""
         plan, library, target = self.plan, job.library, job.target
         num_adapters = len(library) if library is not None else 0
-        source_columns = library.index(plan.sources) if library is not None and plan.sources else []
+        # uniform and semla weigh the sources (with oracle alone, the library holds the targets' adapters only)
+        weighs_sources = any(e == "uniform" or is_semla(e) for e in plan.experiments)
+        source_columns = (
+            library.index(plan.sources) if library is not None and plan.sources and weighs_sources else []
+        )
         exclude = (
             [plan.sources.index(target.name)]
             if plan.settings.remove_target_adapter and target.name in plan.sources
