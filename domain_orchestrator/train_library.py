@@ -120,7 +120,6 @@ class LibraryPlan:
     jobs: list[DomainJob]
     statistics_command: list[str]
     env: dict[str, str]
-    num_gpus: int
     options: ExecutorOptions
     missing_statistics: list[str] = field(default_factory=list)
 
@@ -251,7 +250,6 @@ def make_plan(args: argparse.Namespace) -> LibraryPlan:
         jobs=jobs,
         statistics_command=statistics,
         env=env,
-        num_gpus=num_gpus,
         options=options,
         missing_statistics=[d for d in domains if not statistics_file(library, d).is_file()],
     )
