@@ -569,10 +569,13 @@ class _Job:
 
     def cat(self) -> tuple[Tensor, Tensor]:
         """PEFT's ``cat``: A' = [w_i s_i A_i], B' = [B_i] (the weight on A)."""
-        g, n = self.w.shape
+        g = self.w.shape[0]
         coef = self._coef(self.w * self.scal, self.A.dtype)  # (g, n)
-        a = (self.A[None] * coef[:, :, None, None]).reshape(g, n * self.rank, -1)
-        b = self.B.permute(1, 0, 2).reshape(1, self.B.shape[1], n * self.rank).expand(g, -1, -1)
+        # per image only its own adapters (padded with zero weights): not the batch's whole union
+        order, _ = self._slots()  # (g, k)
+        k = order.shape[1]
+        a = (self.A[order] * torch.gather(coef, 1, order)[:, :, None, None]).reshape(g, k * self.rank, -1)
+        b = self.B[order].permute(0, 2, 1, 3).reshape(g, self.B.shape[1], k * self.rank)
         return a, b
 
     def factors(self, kind: str) -> tuple[Tensor, Tensor]:
