@@ -635,19 +635,15 @@ class _Job:
         delta = self._combine(deltas, coef, election)  # (g, out, in)
         self._check_rank(min(delta.shape[1:]))
         spec = self.spec
-        if spec.svd_clamp is None:  # signs do not matter: only the top `rank` triplets, the cheap way
-            # image by image at its own rank: the result must not depend on the batch's other images
-            rank = min(max(self._ranked()), min(delta.shape[1:]))
-            a = delta.new_zeros(len(self.plans), rank, delta.shape[2])
-            b = delta.new_zeros(len(self.plans), delta.shape[1], rank)
-            for i, plan in enumerate(self.plans):
-                r = min(plan.rank, rank)
-                u, s, vh = truncated_svd(delta[i], r, driver=spec.svd_driver)
-                a[i, :r], b[i, :, :r] = vh, u * s
-            return a, b
-        # The clamp depends on the singular vectors' signs: PEFT's very call, one image at a time.
-        factors = []
+        factors = []  # per image (A', B') at its own rank
         for i, plan in enumerate(self.plans):
+            if spec.svd_clamp is None:
+                # signs do not matter: only the leading triplets, the cheap way, image by image at its own
+                # rank so that the result does not depend on the batch's other images
+                u, s, vh = truncated_svd(delta[i], min(plan.rank, *delta.shape[1:]), driver=spec.svd_driver)
+                factors.append((vh, u * s))
+                continue
+            # the clamp depends on the singular vectors' signs: PEFT's very call
             u, s, vh = torch.linalg.svd(
                 delta[i], full_matrices=spec.svd_full_matrices, driver=spec.svd_driver
             )
