@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,3 +57,21 @@ def report(results: dict, render: Callable[[dict], str], output: Path | None) ->
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer stops when the work is done."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def median_ms(samples: Sequence[float]) -> float:
+    """The median of ``samples`` (seconds), in milliseconds."""
+    return 1000 * statistics.median(samples)

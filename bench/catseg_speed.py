@@ -47,7 +47,7 @@ from cat_seg.modeling._padded import padded_computation
 from cat_seg.modeling.aggregator import Aggregator, ClassTransformerLayer
 from cat_seg.modeling.text import load_class_names
 
-from _common import report, run_description
+from _common import log, report, run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", 640),
@@ -96,10 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     return p
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # -- memory ------------------------------------------------------------------------------------------

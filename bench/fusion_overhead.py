@@ -23,7 +23,6 @@ median over ``--reps`` repetitions after ``--warmup`` warm-up runs.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ from domain_orchestrator.prototypes import load_prototypes
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
-from _common import report, run_description
+from _common import log, median_ms, report, run_description
 
 CONFIGS = {
     "vitb_384": ("vitb_384.yaml", "datasets/cs19.json", "datasets/ade150.json", 640),
@@ -80,14 +79,6 @@ def timed(fn: Callable[[], object]) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def median_ms(samples: Sequence[float]) -> float:
-    return 1000 * statistics.median(samples)
 
 
 def make_model(preset: str, class_json: str, device: str = "cpu"):  # noqa: ANN201

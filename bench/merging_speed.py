@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.step import segment
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
-from _common import report, run_description
+from _common import log, median_ms, report, run_description, sync
 
 # preset -> (config, image side of the loop: the preset's CLIP resolution)
 CONFIGS = {
@@ -125,25 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[[], object], device: str) -> float:
     sync(device)
     start = time.perf_counter()
     fn()
     sync(device)
     return time.perf_counter() - start
-
-
-def median_ms(samples: Sequence[float]) -> float:
-    return 1000 * statistics.median(samples)
 
 
 class Samples:

@@ -50,7 +50,7 @@ from domain_orchestrator.library import AdapterLibrary
 from domain_orchestrator.retrieval import scores, semla_weights
 from domain_orchestrator.synthetic import linear_shapes, write_random_adapter
 
-from _common import report, run_description
+from _common import log, report, run_description, sync
 
 #: preset -> (CAT-Seg config, embedder vision config (image, patch, width, layers, heads, projection))
 PRESETS = {
@@ -74,15 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--output", type=Path, default=None, help="also write the results as JSON here")
     return p
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class Clock:

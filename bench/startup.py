@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 
-from _common import run_description
+from _common import log, run_description
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0  # DESIGN.md §6: within torch's import time + 1 s
@@ -161,10 +161,6 @@ COMMANDS: list[Command] = [
     ),
 ]
 MODES = ("cache", "no cache")
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
