@@ -131,17 +131,22 @@ def _peft(model, world: World):  # noqa: ANN001, ANN202
 
 def test_uniform_equals_peft_merge_of_equal_weights(world: World, four: Path) -> None:
     """uniform on a150 = PEFT add_weighted_adapter of the 4 sources at 1/4 ("cat"), evaluated the usual way."""
+    expected = _peft_uniform_metrics(world, "cat")
+    _same_metrics(read_json(four / "metrics.json")["a150"]["uniform"], expected)
+
+
+def _peft_uniform_metrics(world: World, combination: str, **options: object) -> dict:
+    """a150's metrics under PEFT's add_weighted_adapter of the 4 sources at 1/4, evaluated the usual way."""
     cfg, model = _target_model(world, "a150")
     peft_model = _peft(model, world)
-    peft_model.add_weighted_adapter(SOURCES, [0.25] * 4, "uniform", combination_type="cat")
-    peft_model.set_adapter("uniform")
+    peft_model.add_weighted_adapter(SOURCES, [0.25] * 4, "merged", combination_type=combination, **options)
+    peft_model.set_adapter("merged")
     spec = get_dataset("a150_sem_seg_val")
     records = load_records(spec.name, world.root)
     loader = [[mapper_from_cfg(cfg, is_train=False)(r)] for r in records]
     evaluator = SemSegEvaluator(150, 255, class_names=spec.class_names(), convention=spec.metric_convention)
     with single_thread():
-        expected = inference_on_dataset(peft_model, loader, evaluator)["sem_seg"]
-    _same_metrics(read_json(four / "metrics.json")["a150"]["uniform"], expected)
+        return inference_on_dataset(peft_model, loader, evaluator)["sem_seg"]
 
 
 def test_semla_weights_equal_recomputation(world: World, four: Path) -> None:
@@ -331,14 +336,5 @@ def test_uniform_with_a_merging_type_equals_peft(
     args[args.index("--target_domains") + 1] = str(targets)
     with single_thread():
         assert experiments_main()(args) == 0
-    cfg, model = _target_model(world, "a150")
-    peft_model = _peft(model, world)
-    peft_model.add_weighted_adapter(SOURCES, [0.25] * 4, "merged", combination_type=combination, **options)
-    peft_model.set_adapter("merged")
-    spec = get_dataset("a150_sem_seg_val")
-    records = load_records(spec.name, world.root)
-    loader = [[mapper_from_cfg(cfg, is_train=False)(r)] for r in records]
-    evaluator = SemSegEvaluator(150, 255, class_names=spec.class_names(), convention=spec.metric_convention)
-    with single_thread():
-        expected = inference_on_dataset(peft_model, loader, evaluator)["sem_seg"]
+    expected = _peft_uniform_metrics(world, combination, **options)
     _same_metrics(read_json(out / "metrics.json")["a150"]["uniform"], expected)
