@@ -77,6 +77,7 @@ _EMPTY_DEFAULT_ELEMENT_TYPES: dict[str, type] = {
     "DATASETS.TRAIN": str,
     "DATASETS.TEST": str,
     "DATASETS.SPECS": str,
+    "MODEL.SAN.CLIP_DEEPER_FROZEN_EXCLUDE": str,
 }
 
 _PROMPT_ENSEMBLE_TYPES = ("single", "imagenet", "imagenet_select")
@@ -347,8 +348,57 @@ def add_lora_config(cfg: CfgNode) -> None:
     cfg.MODEL.LORA.REFERENCE_TRAINING = False  # semla addition: the original trainer's behaviour (Q1, Q2)
 
 
+def add_san_config(cfg: CfgNode) -> None:
+    """Add SAN's ``MODEL.SAN`` and ``MODEL.SIDE_ADAPTER`` keys with the original SAN code's defaults (the
+    ViT-B/16 model); read only when ``MODEL.META_ARCHITECTURE`` is ``"SAN"``.
+
+    Args:
+        cfg: the tree to extend in place.
+    """
+    san = cfg.MODEL.SAN = CfgNode()
+    san.NO_OBJECT_WEIGHT = 0.1
+    san.CLASS_WEIGHT = 2.0
+    san.DICE_WEIGHT = 5.0
+    san.MASK_WEIGHT = 5.0
+    san.TRAIN_NUM_POINTS = 112 * 112
+    san.NUM_CLASSES = 171  # sizes the checkpoint's criterion.empty_weight; the loss follows the vocabulary
+    san.OVERSAMPLE_RATIO = 3.0
+    san.IMPORTANCE_SAMPLE_RATIO = 0.75
+    san.CLIP_MODEL_NAME = "ViT-B/16"
+    san.CLIP_PRETRAINED_NAME = "openai"  # recorded only: the weights come from MODEL.WEIGHTS
+    san.CLIP_TEMPLATE_SET = "vild"
+    san.FEATURE_LAST_LAYER_IDX = 9
+    san.CLIP_FROZEN_EXCLUDE = ["positional_embedding"]
+    san.CLIP_DEEPER_FROZEN_EXCLUDE = []
+    san.REC_CROSS_ATTN = False
+    san.REC_DOWNSAMPLE_METHOD = "max"
+    san.SOS_TOKEN_FORMAT = "cls_token"
+    san.SIZE_DIVISIBILITY = 32
+    san.ASYMETRIC_INPUT = True
+    san.CLIP_RESOLUTION = 0.5
+    san.SEM_SEG_POSTPROCESS_BEFORE_INFERENCE = True
+
+    side = cfg.MODEL.SIDE_ADAPTER = CfgNode()
+    side.NAME = "RegionwiseSideAdapterNetwork"
+    side.VIT_NAME = "vit_w240n6d8_patch16"
+    side.PRETRAINED = False
+    side.IMAGE_SIZE = 640
+    side.DROP_PATH_RATE = 0.0
+    side.NUM_QUERIES = 100
+    side.FUSION_TYPE = "add"
+    side.FUSION_MAP = ["0->0", "3->1", "6->2", "9->3"]
+    side.DEEP_SUPERVISION_IDXS = [7, 8]
+    bias = side.ATTN_BIAS = CfgNode()
+    bias.NUM_HEADS = 12
+    bias.NUM_LAYERS = 1
+    bias.EMBED_CHANNELS = 256
+    bias.MLP_CHANNELS = 256
+    bias.MLP_NUM_LAYERS = 3
+    bias.RESCALE_ATTN_BIAS = True
+
+
 def get_cfg() -> CfgNode:
-    """A fresh, unfrozen default tree (detectron2 defaults + DeepLab + CAT-Seg + LoRA keys).
+    """A fresh, unfrozen default tree (detectron2 defaults + DeepLab + CAT-Seg + LoRA + SAN keys).
 
     Returns:
         The default config; callers may modify it.
@@ -357,6 +407,7 @@ def get_cfg() -> CfgNode:
     add_deeplab_config(cfg)
     add_cat_seg_config(cfg)
     add_lora_config(cfg)
+    add_san_config(cfg)
     return cfg
 
 

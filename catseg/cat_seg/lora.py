@@ -147,7 +147,13 @@ def semla_target_modules(model: nn.Module) -> list[str]:
     aggregator layers (swin ``q``/``k``/``v``/``proj``/``fc1``/``fc2``, class attention ``q``/``k``/``v``,
     ``MLP.0``/``MLP.2``), in the original's order. For the ``vitl_336`` preset this is exactly the
     original's 214-name list.
+
+    A model family with its own selection provides ``model.lora_target_modules()`` (SAN: CLIP
+    q/k/v/c_fc/c_proj of both towers, the side ViT's qkv/proj/fc1/fc2, the mask decoder's query MLP).
     """
+    own = getattr(model, "lora_target_modules", None)
+    if callable(own):
+        return list(own())
     predictor = model.sem_seg_head.predictor
     return list(
         reference_lora_target_modules(

@@ -202,6 +202,11 @@ def attach_lora(model: nn.Module, cfg: Any) -> AdaptedModel:
     targets = resolve_target_modules(lora_target_modules(cfg), model)
     peft_only = unsupported_options(_cfg_adapter_config(cfg, targets, model))
     reference = bool(cfg.MODEL.LORA.REFERENCE_TRAINING)
+    if reference and not hasattr(model, "train_guidance_layers"):
+        raise ValueError(
+            f"MODEL.LORA.REFERENCE_TRAINING True reproduces the original CAT-Seg SemLA trainer; it does not "
+            f"apply to {type(model).__name__} (MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r})"
+        )
     if reference and peft_only:
         raise ValueError(
             f"MODEL.LORA.REFERENCE_TRAINING True needs the native LoRA, which does not implement "

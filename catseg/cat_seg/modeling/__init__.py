@@ -11,6 +11,7 @@ from .cat_seg import CATSeg, CATSegHead, CATSegPredictor, sem_seg_postprocess
 from .clip import CLIP, CLIPConfig
 from .interface import SegmentationModel
 from .registry import MODEL_REGISTRY, build_model, register_model, unregister_model
+from .san import SAN  # registers "SAN"
 
 __all__ = [
     "CLIP",
@@ -21,6 +22,7 @@ __all__ = [
     "CATSegHead",
     "CATSegPredictor",
     "CLIPConfig",
+    "SAN",
     "ModelPreset",
     "SegmentationModel",
     "build_catseg",

@@ -86,17 +86,19 @@ class Attention(nn.Module):
         bias = self.in_proj_bias.chunk(3)[index]
         return self._projection(which)(x) + bias
 
-    def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool = False, attn_mask: Tensor | None = None) -> Tensor:
         """Self-attention over tokens.
 
         Args:
             x: (B, L, D) tokens.
             causal: mask future tokens (text tower).
+            attn_mask: a float mask added to the attention logits, broadcastable to (B, heads, L, L)
+                (SAN's recognition blocks); not together with ``causal``.
         Returns:
             (B, L, D).
         """
         q, k, v = (rearrange(self.project(x, w), "b l (h d) -> b h l d", h=self.num_heads) for w in _QKV)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         return self.out_proj(rearrange(out, "b h l d -> b l (h d)"))
 
     # -- checkpoint compatibility -------------------------------------------------------------
@@ -165,9 +167,9 @@ class ResidualAttentionBlock(nn.Module):
         )
         self.ln_2 = nn.LayerNorm(width)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, L, D) -> (B, L, D)."""
-        x = x + self.attn(self.ln_1(x), causal=self.causal)
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """(B, L, D) -> (B, L, D); ``attn_mask``: see :meth:`Attention.forward`."""
+        x = x + self.attn(self.ln_1(x), causal=self.causal, attn_mask=attn_mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_dense(self, x: Tensor) -> Tensor:
