@@ -50,10 +50,18 @@ def device_arg(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (detectron2's ``default_argument_parser`` flags plus a few of ours)."""
     parser = argparse.ArgumentParser(
-        description="Train or evaluate CAT-Seg / SemLA LoRA adapters.",
+        description="Train or evaluate CAT-Seg or SAN models and SemLA LoRA adapters.",
     )
     parser.add_argument(
-        "--config-file", required=True, metavar="FILE", help="YAML config (--config also works)"
+        "--config-file", "--config", required=True, metavar="FILE", help="YAML config (--config also works)"
+    )
+    parser.add_argument(
+        "--config-overlay",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a YAML file merged over the config before the KEY VALUE overrides, e.g. another model "
+        "family's keys (catseg/configs/san/san_vitb16.yaml); repeatable (default: none)",
     )
     parser.add_argument(
         "--num-gpus",
@@ -159,7 +167,8 @@ def plan_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> RunPla
         raise ValueError("--num-machines must be 1; start train_net.py with torchrun on each machine instead")
     if args.num_gpus < 1:
         raise ValueError(f"--num-gpus must be >= 1, got {args.num_gpus}")
-    cfg = load_config(_config_path(args.config_file), list(args.opts or []))
+    overlays = [_config_path(given) for given in args.config_overlay]
+    cfg = load_config(_config_path(args.config_file), list(args.opts or []), overlays=overlays)
     cfg = resolve_run_paths(cfg, cwd=Path.cwd())
     data_root = args.data_root if args.data_root is not None else _default_root(cfg)
     options = RunOptions(

@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: each domain's own config from the domain table)",
     )
     p.add_argument(
+        "--config_overlay",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a YAML file merged over every domain's config, in training (train_net.py --config-overlay) and "
+        "statistics, e.g. catseg/configs/san/san_vitb16.yaml for a SAN library; repeatable (default: none)",
+    )
+    p.add_argument(
         "--domain_specs", type=Path, metavar="DIR", help="register the domain specs (*.yaml) of DIR"
     )
     p.add_argument("--datasets_root", type=Path, help="dataset root (default: $DETECTRON2_DATASETS)")
@@ -187,6 +196,9 @@ def make_plan(args: argparse.Namespace) -> LibraryPlan:
             raise LibraryError(f"{reserved} is set per domain by train_library.py; do not pass it")
     if args.config is not None and not args.config.is_file():
         raise LibraryError(f"--config {args.config}: no such file")
+    for overlay in args.config_overlay:
+        if not overlay.is_file():
+            raise LibraryError(f"--config_overlay {overlay}: no such file")
     if not RUN_LORA.is_file():
         raise LibraryError(f"{RUN_LORA}: missing (run from a full checkout)")
     if args.domain_specs is not None:
@@ -234,6 +246,8 @@ def make_plan(args: argparse.Namespace) -> LibraryPlan:
     ]  # fmt: skip
     if args.config is not None:  # the catseg embedder is built from the domain config with this on top
         statistics += ["--config_overlay", str(args.config.absolute())]
+    for overlay in args.config_overlay:
+        statistics += ["--config_overlay", str(overlay.absolute())]
     if args.datasets_root is not None:
         statistics += ["--datasets_root", str(args.datasets_root.absolute())]
     if args.domain_specs is not None:
@@ -242,6 +256,8 @@ def make_plan(args: argparse.Namespace) -> LibraryPlan:
     if args.datasets_root is not None:
         env["DETECTRON2_DATASETS"] = str(args.datasets_root.absolute())
     train_args = ["--no-progress"] + (["--device", args.device] if args.device != "auto" else [])
+    for overlay in args.config_overlay:
+        train_args += ["--config-overlay", str(overlay.absolute())]  # TRAIN_NET_ARGS is split on spaces
     env["TRAIN_NET_ARGS"] = " ".join(train_args)
     return LibraryPlan(
         domains=domains,

@@ -24,7 +24,7 @@ FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
 CODE = re.compile(r"`([^`]*)`")
 CELL = re.compile(r"(?<!\\)\|")
 # Spellings argparse accepts as unique prefixes of a flag (``allow_abbrev``) that the docs mention.
-ALIASES = {"train_net.py": {"--config"}}
+ALIASES: dict[str, set[str]] = {}
 # Flags of other commands that a table mentions (torchrun's, in experiments.py's --num_processes row).
 FOREIGN = {"experiments.py": {"--nproc_per_node"}}
 

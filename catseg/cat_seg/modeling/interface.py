@@ -9,7 +9,17 @@ provides them works with all of them. ``docs/model_interface.md`` says the same 
 
 The model must also be a ``torch.nn.Module``: LoRA adapters, adapter fusion and checkpoints address its
 ``nn.Linear`` layers and tensors by module path (the members of ``nn.Module`` the code relies on are
-listed in the protocol too). CAT-Seg (:class:`cat_seg.modeling.CATSeg`) implements this protocol.
+listed in the protocol too). CAT-Seg (:class:`cat_seg.modeling.CATSeg`) and SAN
+(:class:`cat_seg.modeling.SAN`) implement this protocol.
+
+Optional members, used when present:
+
+- ``lora_target_modules()``: SemLA's LoRA targets of the model (``cat_seg.lora.semla_target_modules``, the
+  targets when ``MODEL.LORA.MODUELS`` is empty). SAN has it. Without it the CAT-Seg selection is used,
+  read from ``sem_seg_head.predictor`` (the depths of its CLIP towers and aggregator).
+- ``guidance_layers`` and the settable ``train_guidance_layers`` (CAT-Seg): the CLIP blocks feeding the
+  decoder guidance and their training-mode override; ``MODEL.LORA.REFERENCE_TRAINING`` (the original CAT-Seg
+  SemLA trainer, docs/differences.md#q2) needs them and is refused for a model without them.
 """
 
 from __future__ import annotations
@@ -137,39 +147,6 @@ class SegmentationModel(Protocol):
     def clip_pixel_std(self) -> Tensor:
         """(3, 1, 1) CLIP normalisation standard deviation in 0-255 units (catseg embedder)."""
         ...
-
-    # -- LoRA ---------------------------------------------------------------------------------------------------
-    @property
-    def sem_seg_head(self) -> nn.Module:
-        """The segmentation head; ``cat_seg.lora.semla_target_modules`` (the LoRA targets when
-        ``MODEL.LORA.MODUELS`` is empty) reads the depths of ``sem_seg_head.predictor.clip_model``'s towers
-        and of ``sem_seg_head.predictor.transformer.layers`` to list SemLA's target module paths.
-
-        CAT-Seg-specific: another family needs its own target selection there.
-        """
-        ...
-
-    @property
-    def guidance_layers(self) -> tuple[int, int]:
-        """The two CLIP visual blocks that feed the decoder guidance.
-
-        Read by ``cat_seg.engine.lora`` (``MODEL.LORA.REFERENCE_TRAINING``) and recorded in an adapter's
-        ``semla_training.json`` by ``cat_seg.engine.run``.
-        """
-        ...
-
-    @property
-    def train_guidance_layers(self) -> tuple[int, int] | None:
-        """The guidance blocks used in training mode instead of :attr:`guidance_layers` (None: the same).
-
-        ``cat_seg.engine.lora`` sets it to ``(guidance_layers[0],) * 2`` for
-        ``MODEL.LORA.REFERENCE_TRAINING`` (the original trainer's guidance, docs/differences.md#q2);
-        ``cat_seg.engine.run`` records it in ``semla_training.json``.
-        """
-        ...
-
-    @train_guidance_layers.setter
-    def train_guidance_layers(self, layers: Sequence[int] | None) -> None: ...
 
     # -- torch.nn.Module members the code relies on -----------------------------------------------------------
     @property
