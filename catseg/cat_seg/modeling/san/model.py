@@ -243,7 +243,7 @@ class SAN(nn.Module):
                 f"{len(batched_inputs)}"
             )
         images = [
-            (x["image"].to(self.device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std
+            (x["image"].to(self.device, dtype=self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
             for x in batched_inputs
         ]
         padded, sizes = self._pad_batch(images)
