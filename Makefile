@@ -26,6 +26,7 @@ bench:
 	$(UV) run --frozen python bench/semla_overhead.py --preset tiny --images 3
 	$(UV) run --frozen python bench/startup.py --reps 1 --modes cache
 	$(UV) run --frozen python bench/merging_speed.py --preset tiny --loop-preset tiny --reps 1
+	$(UV) run --frozen python bench/san_speed.py --preset tiny --reps 1
 
 format:
 	$(UV) run --frozen ruff format .
