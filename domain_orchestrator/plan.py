@@ -23,7 +23,7 @@ from cat_seg.data import DatasetError, load_records, mapper_from_cfg
 from cat_seg.data.domain_spec import DomainSpecError
 from cat_seg.data.registry import UnknownDatasetError, domain_spec
 from cat_seg.engine.evaluate import check_vocabulary
-from cat_seg.modeling.build import model_kwargs_from_cfg
+from cat_seg.modeling.registry import model_architecture
 from cat_seg.modeling.text import load_class_names
 
 from .domains import DomainError, get_domain, read_domain_list, register_spec_folder
@@ -117,7 +117,7 @@ def target_config(
 
 def architecture_key(cfg: CfgNode) -> str:
     """Identifies what :func:`cat_seg.modeling.build_model` builds from ``cfg``, class names aside."""
-    return repr(sorted(model_kwargs_from_cfg(cfg).items()))
+    return repr(sorted(model_architecture(cfg).items()))
 
 
 def _file_fingerprint(path: Path) -> dict[str, Any]:

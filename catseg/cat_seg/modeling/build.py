@@ -217,7 +217,7 @@ def build_catseg(
     return model
 
 
-@register_model("CATSeg")
+@register_model("CATSeg", architecture=model_kwargs_from_cfg)
 def build_catseg_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> CATSeg:
     """Build CAT-Seg from a config on ``device`` (random weights; load a checkpoint afterwards).
 

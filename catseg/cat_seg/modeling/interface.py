@@ -99,9 +99,11 @@ class SegmentationModel(Protocol):
         optional ``"height"`` / ``"width"`` (the output size), and ``"sem_seg"`` (H, W) train ids for
         training.
 
-        Training mode returns ``{"loss_sem_seg": scalar}`` (the engine's ``Trainer`` sums the ``loss_*``
-        entries); eval mode returns one ``{"sem_seg": (T, height, width)}`` per input, class scores in
-        [0, 1] whose argmax is the prediction. ``text_features``: (T, P, C) shared by the batch or
+        Training mode returns a dict of scalar ``loss_*`` terms that the engine's ``Trainer`` sums (CAT-Seg:
+        ``loss_sem_seg``; SAN: ``loss_ce``, ``loss_mask``, ``loss_dice`` and their ``_0`` auxiliary terms);
+        eval mode returns one ``{"sem_seg": (T, height, width)}`` per input, non-negative class scores whose
+        argmax is the prediction (CAT-Seg: sigmoid probabilities in [0, 1]; SAN: sums over its queries of
+        class probability times mask probability, which can exceed 1). ``text_features``: (T, P, C) shared by the batch or
         (B, T, P, C) one row per image (the orchestrator's per-image fused text); ``None`` computes them
         with :meth:`text_features`. Used by the engine, the orchestrator, the demos and the benchmarks.
         """

@@ -32,14 +32,23 @@ class ModelBuilder(Protocol):
     ) -> nn.Module: ...
 
 
-#: ``MODEL.META_ARCHITECTURE`` -> builder. Filled by :func:`register_model` (CAT-Seg: ``"CATSeg"``, when
+#: ``MODEL.META_ARCHITECTURE`` -> builder. Filled by :func:`register_model` (``"CATSeg"`` and ``"SAN"``, when
 #: :mod:`cat_seg.modeling` is imported).
 MODEL_REGISTRY: dict[str, ModelBuilder] = {}
+#: ``MODEL.META_ARCHITECTURE`` -> ``cfg -> dict``: everything of a config the builder reads, class names aside.
+_ARCHITECTURES: dict[str, Callable[[Any], dict[str, Any]]] = {}
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+def register_model(
+    name: str, *, architecture: Callable[[Any], dict[str, Any]] | None = None
+) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator: register a builder under the ``MODEL.META_ARCHITECTURE`` value ``name``.
 
+    Args:
+        name: the ``MODEL.META_ARCHITECTURE`` value.
+        architecture: ``cfg -> dict`` of every setting the builder reads, class names aside (two configs
+            with equal dicts build the same model, so the orchestrator builds it once for both); None: the
+            whole ``MODEL`` tree stands for it (two configs share a model only when it is equal).
     Raises:
         ValueError: ``name`` is empty or already registered.
     """
@@ -50,6 +59,8 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
         if name in MODEL_REGISTRY:
             raise ValueError(f"MODEL.META_ARCHITECTURE {name!r} is already registered")
         MODEL_REGISTRY[name] = builder
+        if architecture is not None:
+            _ARCHITECTURES[name] = architecture
         return builder
 
     return decorator
@@ -62,6 +73,16 @@ def unregister_model(name: str) -> None:
         KeyError: ``name`` is not registered.
     """
     del MODEL_REGISTRY[name]
+    _ARCHITECTURES.pop(name, None)
+
+
+def model_architecture(cfg: Any) -> dict[str, Any]:
+    """What :func:`build_model` builds from ``cfg``, class names aside: ``MODEL.META_ARCHITECTURE`` and the
+    settings its registered ``architecture`` function reads (or the whole ``MODEL`` tree)."""
+    name = cfg.MODEL.META_ARCHITECTURE
+    describe = _ARCHITECTURES.get(name)
+    settings = describe(cfg) if describe is not None else {"MODEL": repr(cfg.MODEL)}
+    return {"META_ARCHITECTURE": name, **settings}
 
 
 def build_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> nn.Module:

@@ -7,6 +7,6 @@ code: ``tools/san_parity/``.
 from ..registry import register_model
 from .model import SAN, build_san, build_san_model, san_kwargs_from_cfg
 
-register_model("SAN")(build_san_model)
+register_model("SAN", architecture=san_kwargs_from_cfg)(build_san_model)
 
 __all__ = ["SAN", "build_san", "build_san_model", "san_kwargs_from_cfg"]

@@ -77,7 +77,8 @@ class SAN(nn.Module):
         ignore_value: int = 255,
     ) -> None:
         super().__init__()
-        # Registration order = the original state dict's order.
+        # Registration order = the original state dict's order (inside a CLIP block ours lists attn, ln_1,
+        # mlp, ln_2; open_clip ln_1, attn, ln_2, mlp: loading goes by name).
         self.criterion = criterion
         self.side_adapter_network = side_adapter_network
         self.clip_visual_extractor = FeatureExtractor(clip, num_extract_layers)
@@ -320,6 +321,10 @@ def san_kwargs_from_cfg(cfg: Any) -> dict[str, Any]:
             raise ValueError(
                 f"MODEL.SIDE_ADAPTER.FUSION_MAP entries look like '3->1', got {item!r}"
             ) from None
+        if side_idx in fusion:
+            raise ValueError(
+                f"MODEL.SIDE_ADAPTER.FUSION_MAP names side block {side_idx} twice: {list(side.FUSION_MAP)}"
+            )
         fusion[side_idx] = clip_idx
     if (
         san.SOS_TOKEN_FORMAT != "cls_token"
@@ -395,6 +400,13 @@ def build_san(
         raise ValueError(
             f"MODEL.SIDE_ADAPTER.FUSION_MAP reads CLIP outputs {bad}, beyond the extractor's "
             f"{num_clip_layers} blocks (MODEL.SAN.FEATURE_LAST_LAYER_IDX)"
+        )
+    depth = vit.config.depth
+    beyond = [b for b in fusion_map if not 0 <= b <= depth]
+    if beyond:
+        raise ValueError(
+            f"MODEL.SIDE_ADAPTER.FUSION_MAP adds CLIP features at side blocks {beyond}; the side ViT "
+            f"({vit_name}) has blocks 0 (before the first) to {depth}"
         )
     heads = clip.vision_heads
     if attn_bias["total_heads"] not in (1, heads):
