@@ -204,10 +204,11 @@ def test_every_yaml_loads(path: Path) -> None:
 
 def test_config_tree_mirrors_reference() -> None:
     names = {str(p.relative_to(CONFIGS)) for p in ALL_YAMLS}
-    assert (
-        len(names) == 47 + 4
-    )  # the reference's 47 files plus tiny/tiny{,_model,_a150}.yaml, own_domain.yaml
+    # the reference's 47 files plus tiny/tiny{,_model,_a150}.yaml, own_domain.yaml and SAN's four
+    assert len(names) == 47 + 4 + 4
     assert {"tiny/tiny.yaml", "tiny/tiny_model.yaml", "tiny/tiny_a150.yaml", "acdc/acdc_base.yaml"} <= names
+    san = {"san/san_vitb16.yaml", "san/san_vitl14_336.yaml", "san/san_tiny_model.yaml", "san/san_tiny.yaml"}
+    assert san <= names
     assert "own_domain.yaml" in names
 
 
