@@ -14,8 +14,10 @@ queries of class probability times mask probability); training returns SAN's wei
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -298,6 +300,26 @@ def _clip_configs() -> dict[str, CLIPConfig]:
     }
 
 
+_SAN_TEMPLATES = Path(__file__).with_name("prompt_templates.json")
+
+
+def san_templates(name: str) -> list[str]:
+    """The prompt templates of ``MODEL.SAN.CLIP_TEMPLATE_SET``: SAN's ``vild`` set (14 templates, the released
+    models'), or one of CAT-Seg's sets (``imagenet``, ``imagenet_select``, ``single``)."""
+    from ..text import prompt_templates
+
+    with open(_SAN_TEMPLATES, encoding="utf-8") as f:
+        own = json.load(f)
+    if name in own:
+        return list(own[name])
+    try:
+        return prompt_templates(name)
+    except ValueError:
+        raise ValueError(
+            f"MODEL.SAN.CLIP_TEMPLATE_SET must be one of {sorted(own)} or CAT-Seg's sets, got {name!r}"
+        ) from None
+
+
 def clip_config_for(name: str) -> CLIPConfig:
     """The CLIP architecture of ``MODEL.SAN.CLIP_MODEL_NAME``."""
     configs = _clip_configs()
@@ -310,8 +332,6 @@ def clip_config_for(name: str) -> CLIPConfig:
 
 def san_kwargs_from_cfg(cfg: Any) -> dict[str, Any]:
     """Everything :func:`build_san` needs from a config."""
-    from ..text import prompt_templates
-
     san, side = cfg.MODEL.SAN, cfg.MODEL.SIDE_ADAPTER
     fusion = {}
     for item in side.FUSION_MAP:
@@ -339,7 +359,7 @@ def san_kwargs_from_cfg(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"MODEL.SIDE_ADAPTER.FUSION_TYPE must be 'add', got {side.FUSION_TYPE!r}")
     return {
         "clip": clip_config_for(san.CLIP_MODEL_NAME),
-        "templates": prompt_templates(san.CLIP_TEMPLATE_SET),
+        "templates": san_templates(san.CLIP_TEMPLATE_SET),
         "vit_name": side.VIT_NAME,
         "image_size": int(side.IMAGE_SIZE),
         "drop_path_rate": float(side.DROP_PATH_RATE),
