@@ -18,7 +18,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 _VIT_NAME = re.compile(r"^vit_w(\d+)n(\d+)d(\d+)_patch(\d+)$")
@@ -68,6 +67,9 @@ class SideViT(nn.Module):
     """The side ViT (``vit_model``): patch embedding, a position embedding without class token, blocks."""
 
     def __init__(self, config: SideViTConfig, image_size: int, drop_path_rate: float = 0.0) -> None:
+        # timm imports torch._dynamo (seconds): only when a SAN is built, not when cat_seg.modeling is imported.
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.config = config
         self.patch_embed = PatchEmbed(image_size, config.patch_size, config.width)
