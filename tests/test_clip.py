@@ -98,6 +98,25 @@ def test_safetensors_and_catseg_prefixed_weights(tmp_path, oracle) -> None:  # n
     _assert_parity(ours, oracle)
 
 
+def test_clip_weights_go_into_the_clip_of_another_model_family(tmp_path, oracle) -> None:  # noqa: ANN001
+    """A model without CAT-Seg's ``sem_seg_head`` takes the weights into its ``clip_model`` (SAN: the CLIP
+    whose modules its extractor, recognition head and classifier share)."""
+    from safetensors.torch import save_file
+
+    from cat_seg.config import load_config, resolve_catseg_path
+    from cat_seg.modeling import build_model
+
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in oracle.state_dict().items()}, str(path))
+    san = build_model(load_config(resolve_catseg_path("configs/san/san_tiny.yaml")), "cpu")
+    result = load_clip_weights(san, path)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    _assert_parity(san.clip_model.eval(), oracle)
+    state = san.state_dict()  # under SAN's own names
+    torch.testing.assert_close(state["clip_visual_extractor.conv1.weight"], oracle.visual.conv1.weight)
+    torch.testing.assert_close(state["ov_classifier.token_embedding.weight"], oracle.token_embedding.weight)
+
+
 def test_text_features_only_depend_on_tokens_up_to_end_of_text() -> None:
     torch.manual_seed(0)
     ours = CLIP(TINY).eval()

@@ -167,18 +167,22 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
 
 
 def load_clip_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> LoadResult:
-    """Load OpenAI CLIP or open_clip weights into the CLIP towers of a CAT-Seg model (or a bare CLIP).
+    """Load OpenAI CLIP or open_clip weights into the CLIP towers of a CAT-Seg model, of another model
+    family that exposes its CLIP as ``clip_model`` (SAN), or into a bare CLIP.
 
     The positional embedding keeps the pre-training grid (it is resized at run time), so e.g. OpenAI's
     ``ViT-B-16.pt`` (224 px) fits the ``vitb_384`` preset as it is.
 
     Args:
-        model: a :class:`~cat_seg.modeling.CATSeg` or :class:`~cat_seg.modeling.CLIP`.
+        model: a :class:`~cat_seg.modeling.CATSeg` (``sem_seg_head.predictor.clip_model``), a model with a
+            ``clip_model`` (:class:`~cat_seg.modeling.SAN`) or a :class:`~cat_seg.modeling.CLIP`.
         path: OpenAI ``.pt`` (TorchScript or state dict), an open_clip checkpoint (``.pt``/``.bin`` with
             an optional ``"state_dict"`` key) or ``.safetensors``.
         strict: raise on missing or unexpected keys.
     """
-    clip = getattr(getattr(getattr(model, "sem_seg_head", None), "predictor", None), "clip_model", model)
+    clip = getattr(getattr(getattr(model, "sem_seg_head", None), "predictor", None), "clip_model", None)
+    if clip is None:  # another model family's whole CLIP (SAN: ``model.clip_model``), else a bare CLIP
+        clip = getattr(model, "clip_model", model)
     state_dict = read_state_dict(path, allow_torchscript=True)
     if any(k.startswith(_CLIP_PREFIX) for k in state_dict):
         state_dict = {k[len(_CLIP_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(_CLIP_PREFIX)}
