@@ -1,5 +1,5 @@
 # Two commands: `make sync` creates .venv with uv (installing uv with pip when missing), `make test` runs the tests.
-# `make demo` runs all of SemLA offline on a small procedural world (DEMO_ARGS, e.g. DEMO_ARGS="--seed 1").
+# `make demo` runs all of SemLA offline on a small procedural world (DEMO_ARGS, e.g. DEMO_ARGS="--seed 1"; DEMO_ARGS="--model san": on SAN, into demo_output/san).
 # `make bench` runs each benchmark's quick smoke run on the tiny model (the recorded runs: bench/BENCHMARKS.md).
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")

@@ -79,14 +79,11 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
 
 
 def _missing_demo_files(args: argparse.Namespace) -> None:
-    from semla_demo.common import DEMO
+    from semla_demo.common import demo_for, make_demo_command
 
     if not Path(args.weights).is_file():
-        hint = (
-            " (run `make demo` first: it trains the demo model)"
-            if Path(args.weights).is_relative_to(DEMO)
-            else ""
-        )
+        model = demo_for(args.weights)
+        hint = f" (run `{make_demo_command(model)}` first: it trains the demo model)" if model else ""
         raise FileNotFoundError(f"checkpoint {args.weights} not found{hint}")
 
 

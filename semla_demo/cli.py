@@ -117,7 +117,7 @@ def segmenter_from_args(args: argparse.Namespace):  # noqa: ANN201 - a Segmenter
     """The :class:`~semla_demo.inference.Segmenter` the model flags describe, with their vocabulary."""
     from .inference import Segmenter
 
-    segmenter = Segmenter.from_files(
+    return Segmenter.from_files(
         args.config_file,
         args.weights,
         opts=args.opts or (),
@@ -125,8 +125,5 @@ def segmenter_from_args(args: argparse.Namespace):  # noqa: ANN201 - a Segmenter
         lora_library_path=args.lora_library_path,
         embedding_model=args.embedding_model,
         semla_config=args.semla_config,
+        class_names=vocabulary(args),  # given, the config needs no class files (a model overlay will do)
     )
-    names = vocabulary(args)
-    if names is not None:
-        segmenter.set_classes(names)
-    return segmenter

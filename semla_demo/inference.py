@@ -101,8 +101,12 @@ class Segmenter:
         lora_library_path: str | os.PathLike | None = None,
         embedding_model: str | None = None,
         semla_config: str | os.PathLike | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> Segmenter:
         """Build from files: the config, the checkpoint and, for SemLA, the library and the embedder.
+
+        ``class_names`` is the vocabulary (default: the config's class files); given, the config needs no
+        class files (e.g. the model overlay ``configs/demo/san_model.yaml`` alone).
 
         Raises:
             FileNotFoundError, ValueError: a missing or unusable file, named in the message (every problem
@@ -116,8 +120,13 @@ class Segmenter:
         cfg = load_config(config_file, list(opts))
         if not Path(weights).is_file():
             raise FileNotFoundError(f"CAT-Seg checkpoint {weights} not found")
-        model = build_model(cfg, device)
+        model = build_model(cfg, device, class_names=class_names is None)
         load_checkpoint(model, weights)
+        if class_names is not None:
+            names = [n.strip() for n in class_names if n.strip()]
+            if not names:
+                raise ValueError("the class list is empty: give at least one class name")
+            model.set_class_names(train=names, test=names)
         semla = load_semla_config(semla_config)
         if lora_library_path is None:
             if embedding_model is not None:

@@ -18,6 +18,10 @@ Stages (each prints a progress line with its time):
 7. **report**: the tables, the embedder's retrieval confusion, the transfer matrix (every adapter alone
    on every target) and pictures (``semla_demo.report``).
 
+``--model san`` runs every stage on SAN instead (``configs/demo/san_train.yaml`` for the base model and the
+adapters, ``configs/demo/san_model.yaml`` as the experiments' and the report's overlay; the CLIP stage's
+weights go into SAN's CLIP), into ``demo_output/san/`` unless ``--output`` is given.
+
 Every computing process runs a fixed number of threads (:data:`THREADS`, or one for the processes that
 run side by side), so a seed gives the same bytes run after run and on any machine of the same kind.
 """
@@ -39,7 +43,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import EVAL_OPTS, METHODS, MODEL_OVERLAY, REPO_ROOT, SEMLA_CONFIG, TRAIN_CONFIG
+from .common import (
+    DEMO_MODELS,
+    EVAL_OPTS,
+    METHODS,
+    MODEL_OVERLAY,  # noqa: F401 - CAT-Seg's demo config, imported from here by the tests
+    REPO_ROOT,
+    SEMLA_CONFIG,
+    TRAIN_CONFIG,  # noqa: F401 - CAT-Seg's demo config, imported from here by the tests
+    DemoModel,
+)
 
 CATSEG = REPO_ROOT / "catseg"
 BASE_CONDITION = ("clear", "day")
@@ -85,8 +98,11 @@ def domain(weather: str, time_: str) -> str:
 class Stages:
     """Runs the stages, timing each and keeping every tool's output in ``<output>/logs/``."""
 
-    def __init__(self, output: Path, *, seed: int, sizes: Sizes, jobs: int) -> None:
+    def __init__(
+        self, output: Path, *, seed: int, sizes: Sizes, jobs: int, model: DemoModel = DEMO_MODELS["catseg"]
+    ) -> None:
         self.output = output
+        self.model = model
         self.seed = seed
         self.sizes = sizes
         self.jobs = max(1, jobs)
@@ -212,18 +228,20 @@ class Stages:
 
         start = time.monotonic()
         torch.manual_seed(self.seed)
-        model = build_model(load_config(TRAIN_CONFIG), "cpu")
+        model = build_model(load_config(self.model.train_config), "cpu")
         load_clip_weights(
             model, clip / "open_clip_model.safetensors"
-        )  # the world's CLIP, as OpenAI's for CAT-Seg
+        )  # the world's CLIP, as OpenAI's for CAT-Seg (SAN: into its clip_model)
         init = save_checkpoint(model, self.output / "init.pth")
         d = domain(*BASE_CONDITION)
+        if (self.output / "base").exists():  # a fresh training (run.sh would resume an earlier run's)
+            shutil.rmtree(self.output / "base")
         # Two single-thread processes (DDP over gloo, 4 images each): a quarter faster than one process on
         # two threads, and the same computation on any machine.
         self.tool(
             "base",
             [
-                "sh", CATSEG / "run.sh", TRAIN_CONFIG, "2", self.output / "base",
+                "sh", CATSEG / "run.sh", self.model.train_config, "2", self.output / "base",
                 "MODEL.WEIGHTS", init,
                 "DATASETS.TRAIN", f"('{d}_sem_seg_train',)",
                 "DATASETS.TEST", f"('{d}_sem_seg_val',)",
@@ -246,7 +264,7 @@ class Stages:
             self.tool(
                 f"lora-{d}",
                 [
-                    "sh", CATSEG / "run_lora.sh", TRAIN_CONFIG, "1", self.output / "adapters" / d,
+                    "sh", CATSEG / "run_lora.sh", self.model.train_config, "1", self.output / "adapters" / d,
                     "MODEL.WEIGHTS", base,
                     "MODEL.LORA.DB_PATH", library,
                     "MODEL.LORA.NAME", d,
@@ -255,7 +273,7 @@ class Stages:
                     "SOLVER.MAX_ITER", str(self.sizes.lora_iters),
                     # LoRA factors start at zero (B) and must move far in a few dozen steps: at the base model's
                     # learning rate (0.002) several adapters did not beat zero-shot on their own condition
-                    "SOLVER.BASE_LR", "0.015",
+                    "SOLVER.BASE_LR", str(self.model.lora_lr),
                     "SOLVER.IMS_PER_BATCH", "4",
                     "SEED", str(self.seed),
                 ],
@@ -306,7 +324,7 @@ class Stages:
                 "--experiment", *methods,
                 "--source_domains", domains_file, "--target_domains", domains_file,
                 "--model_weights", base, "--lora_library_path", library, "--embedding_model", clip,
-                "--config_overlay", MODEL_OVERLAY, "--datasets_root", self.output / "world",
+                "--config_overlay", self.model.model_overlay, "--datasets_root", self.output / "world",
                 "--semla_config", SEMLA_CONFIG, "--output_dir", out, "--overwrite", "--device", "cpu", "--batch_size", "32",
                 "--num_workers", "0", "--no_progress", *extra, *EVAL_OPTS,
             ],
@@ -321,8 +339,11 @@ class Stages:
         return json.loads((self.output / "world" / MANIFEST).read_text(encoding="utf-8"))
 
 
-def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = None) -> dict:
-    """Run every stage into ``output``; returns what the report shows."""
+def run(
+    output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = None, model: str = "catseg"
+) -> dict:
+    """Run every stage into ``output`` with the demo model ``model`` (``catseg`` or ``san``, see
+    :data:`~semla_demo.common.DEMO_MODELS`); returns what the report shows."""
     import torch
 
     from .report import report
@@ -331,7 +352,10 @@ def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = 
     output = Path(output).absolute()
     output.mkdir(parents=True, exist_ok=True)
     sizes = Sizes.quick() if quick else Sizes.full()
-    stages = Stages(output, seed=seed, sizes=sizes, jobs=jobs or min(2, os.cpu_count() or 1))
+    demo_model = DEMO_MODELS[model]
+    stages = Stages(
+        output, seed=seed, sizes=sizes, jobs=jobs or min(2, os.cpu_count() or 1), model=demo_model
+    )
     summary = stages.world()
     conditions = summary["conditions"]
     domains_file = output / "domains.yaml"
@@ -360,6 +384,7 @@ def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = 
         library=library,
         results={"with the target's adapter": with_target, "leave-one-out": leave_one_out},
         seed=seed,
+        model_overlay=demo_model.model_overlay,
     )
     stages.stage("report", time.monotonic() - start, f"pictures in {output}")
     result["seconds"] = time.monotonic() - stages.started
@@ -367,7 +392,14 @@ def run(output: Path, *, seed: int = 0, quick: bool = False, jobs: int | None = 
     return result
 
 
-def run_seeds(output: Path, seeds: Sequence[int], *, quick: bool = False, jobs: int | None = None) -> dict:
+def run_seeds(
+    output: Path,
+    seeds: Sequence[int],
+    *,
+    quick: bool = False,
+    jobs: int | None = None,
+    model: str = "catseg",
+) -> dict:
     """The whole demo once per seed (``<output>/seed_<n>/``), then ``<output>/seeds.txt`` and
     ``seeds.json``: each seed's mean IoU per method and setting, and their mean +- standard deviation."""
     from .report import format_seeds
@@ -376,7 +408,7 @@ def run_seeds(output: Path, seeds: Sequence[int], *, quick: bool = False, jobs: 
     results = {}
     for seed in seeds:
         print(f"--- seed {seed} ---", flush=True)
-        results[seed] = run(output / f"seed_{seed}", seed=seed, quick=quick, jobs=jobs)
+        results[seed] = run(output / f"seed_{seed}", seed=seed, quick=quick, jobs=jobs, model=model)
     text, numbers = format_seeds(results)
     output.mkdir(parents=True, exist_ok=True)
     (output / "seeds.txt").write_text(text + "\n", encoding="utf-8")
@@ -390,7 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run all of SemLA on a small procedural world, offline, on CPU.",
     )
     parser.add_argument(
-        "--output", type=Path, default=Path("demo_output"), help="output folder (default: demo_output)"
+        "--model",
+        choices=sorted(DEMO_MODELS),
+        default="catseg",
+        help="the segmentation model the whole demo trains and evaluates: catseg (CAT-Seg, "
+        "configs/demo/train.yaml) or san (SAN, configs/demo/san_train.yaml) (default: catseg)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="output folder (default: demo_output; with --model san: demo_output/san)",
     )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument(
@@ -420,11 +462,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    if args.output is None:  # relative to the working directory, as the flag's values are
+        args.output = Path("demo_output") if args.model == "catseg" else Path("demo_output") / args.model
+
     def body() -> int:
         if args.seeds:
-            result = run_seeds(args.output, args.seeds, quick=args.quick, jobs=args.jobs)
+            result = run_seeds(args.output, args.seeds, quick=args.quick, jobs=args.jobs, model=args.model)
         else:
-            result = run(args.output, seed=args.seed, quick=args.quick, jobs=args.jobs)
+            result = run(args.output, seed=args.seed, quick=args.quick, jobs=args.jobs, model=args.model)
         print(result["text"], flush=True)
         print(f"\nall stages in {result['seconds']:.0f} s; outputs in {args.output}", flush=True)
         return 0

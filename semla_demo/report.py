@@ -99,27 +99,35 @@ def retrieval_accuracy(confusion: np.ndarray, domains: list[str]) -> dict[str, f
     }
 
 
-def _eval_config(target: str, base: Path):  # noqa: ANN202 - a CfgNode
-    """A target's config as the demo's experiments.py runs evaluate it."""
+def _eval_config(target: str, base: Path, model_overlay: Path = MODEL_OVERLAY):  # noqa: ANN202 - a CfgNode
+    """A target's config as the demo's experiments.py runs evaluate it (``model_overlay``: the demo model's
+    ``--config_overlay``)."""
     from domain_orchestrator.orchestrator import target_config
 
-    return target_config(target, model_weights=base, overlays=[MODEL_OVERLAY], opts=EVAL_OPTS)
+    return target_config(target, model_weights=base, overlays=[model_overlay], opts=EVAL_OPTS)
 
 
-def _model_and_library(base: Path, library_path: Path, domains: list[str]):  # noqa: ANN202
+def _model_and_library(
+    base: Path, library_path: Path, domains: list[str], model_overlay: Path = MODEL_OVERLAY
+):  # noqa: ANN202
     """The base model (eval mode, on the CPU) and the library of ``domains`` over it."""
     from cat_seg.checkpoint import load_checkpoint
     from cat_seg.modeling import build_model
     from domain_orchestrator.library import AdapterLibrary
 
-    model = build_model(_eval_config(domains[0], base), "cpu")
+    model = build_model(_eval_config(domains[0], base, model_overlay), "cpu")
     load_checkpoint(model, base)
     model.eval()
     return model, AdapterLibrary.open(library_path, domains, model=model)
 
 
 def transfer_matrix(
-    world: Path, base: Path, library_path: Path, domains: list[str], batch_size: int = 32
+    world: Path,
+    base: Path,
+    library_path: Path,
+    domains: list[str],
+    batch_size: int = 32,
+    model_overlay: Path = MODEL_OVERLAY,
 ) -> np.ndarray:
     """(targets, adapters) reported IoU of every adapter alone (weight 1) on every target's validation set.
 
@@ -135,11 +143,11 @@ def transfer_matrix(
     from domain_orchestrator.fusion import fused_text_features
     from domain_orchestrator.step import segment
 
-    model, library = _model_and_library(base, library_path, domains)
+    model, library = _model_and_library(base, library_path, domains, model_overlay)
     matrix = np.zeros((len(domains), len(domains)))
     with torch.no_grad():
         for i, target in enumerate(domains):
-            cfg = _eval_config(target, base)
+            cfg = _eval_config(target, base, model_overlay)
             spec = get_dataset(get_domain(target).val_dataset)
             mapper = mapper_from_cfg(cfg, is_train=False, num_classes=spec.num_classes)
             inputs = [mapper(r) for r in load_records(spec.name, world)]
@@ -267,6 +275,7 @@ def example_predictions(
     leave_one_out: Path,
     domains: list[str],
     targets: tuple[str, ...],
+    model_overlay: Path = MODEL_OVERLAY,
 ) -> list[dict]:
     """For the first validation image of each target: the image, its label and three predictions.
 
@@ -280,11 +289,11 @@ def example_predictions(
     from domain_orchestrator.step import segment
 
     semla = _read(leave_one_out / "semla" / "weights.json")
-    model, library = _model_and_library(base, library_path, domains)
+    model, library = _model_and_library(base, library_path, domains, model_overlay)
     examples = []
     with torch.no_grad():
         for target in targets:
-            cfg = _eval_config(target, base)
+            cfg = _eval_config(target, base, model_overlay)
             record = load_records(get_domain(target).val_dataset, world)[0]
             x = mapper_from_cfg(cfg, is_train=False)(record)
             image = np.asarray(x["image"].permute(1, 2, 0))
@@ -395,8 +404,13 @@ def report(
     library: Path,
     results: Mapping[str, Path],
     seed: int,
+    model_overlay: Path = MODEL_OVERLAY,
 ) -> dict:
-    """Write ``summary.txt`` (and ``summary.json``) and the pictures into ``output``; returns the numbers."""
+    """Write ``summary.txt`` (and ``summary.json``) and the pictures into ``output``; returns the numbers.
+
+    ``model_overlay`` is the demo model's ``experiments.py --config_overlay`` (``configs/demo/model.yaml``
+    for CAT-Seg, ``configs/demo/san_model.yaml`` for SAN): the transfer matrix and the example predictions
+    are computed with it, as ``experiments.py`` computed the results."""
     domains = [
         line[2:].strip()
         for line in (output / "domains.yaml").read_text().splitlines()
@@ -406,7 +420,7 @@ def report(
     first = next(iter(results.values()))
     tables = {setting: results_table(first, folder) for setting, folder in results.items()}
     confusion = retrieval_confusion(world, clip, library, domains)
-    transfer = transfer_matrix(world, base, library, domains)
+    transfer = transfer_matrix(world, base, library, domains, model_overlay=model_overlay)
     matrices = {setting: mean_weights(folder, domains) for setting, folder in results.items()}
     pictures = [
         plot_miou(tables, output / "miou.png"),
@@ -433,7 +447,9 @@ def report(
     ]
     leave_one_out = list(results.values())[-1]
     targets = tuple(t for t in EXAMPLE_TARGETS if t in domains) or tuple(domains[:4])
-    examples = example_predictions(world, base, library, clip, leave_one_out, domains, targets)
+    examples = example_predictions(
+        world, base, library, clip, leave_one_out, domains, targets, model_overlay=model_overlay
+    )
     pictures.append(plot_examples(examples, output / "examples.png"))
     text = format_tables(tables, confusion, transfer, domains)
     (output / "summary.txt").write_text(text + "\n", encoding="utf-8")

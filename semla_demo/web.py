@@ -37,7 +37,7 @@ import numpy as np
 from domain_orchestrator.settings import COMBINATION_TYPES
 
 from .cli import add_model_arguments, add_run_arguments
-from .common import DEMO, METHOD_LABELS
+from .common import DEMO, METHOD_LABELS, demo_for, make_demo_command
 
 logger = logging.getLogger(__name__)
 
@@ -728,10 +728,11 @@ def check_files(args: argparse.Namespace) -> None:
     if not missing:
         return
     listed = ", ".join(f"{flag} {path}" for flag, path in missing)
-    if any(Path(path).resolve().is_relative_to(DEMO) for _, path in missing):
+    model = next((m for m in (demo_for(path) for _, path in missing) if m is not None), None)
+    if model is not None:
         raise FileNotFoundError(
-            f"not found: {listed}. Run `make demo` first: it builds the demo model, library and CLIP in "
-            f"{DEMO} (or pass --weights, --lora_library_path and --embedding_model)"
+            f"not found: {listed}. Run `{make_demo_command(model)}` first: it builds the demo model, library "
+            f"and CLIP in {model.output} (or pass --weights, --lora_library_path and --embedding_model)"
         )
     raise FileNotFoundError(f"not found: {listed}")
 

@@ -256,3 +256,84 @@ def test_demo_py_errors_are_one_line(tmp_path, capsys) -> None:  # noqa: ANN001
         == 1
     )
     assert "checkpoint" in capsys.readouterr().err
+    # a missing checkpoint of the demo's says which make demo builds it
+    from semla_demo.common import DEMO
+
+    for folder, command in ((DEMO / "nothing", "`make demo`"),
+                            (DEMO / "san" / "nothing", '`make demo DEMO_ARGS="--model san"`')):  # fmt: skip
+        assert demo.main(["--input", str(image), "--output", str(tmp_path), "--weights",
+                          str(folder / "model_final.pth")]) == 1  # fmt: skip
+        assert f"(run {command} first" in capsys.readouterr().err
+
+
+# -- the demo on SAN (python -m semla_demo --model san) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_san(tmp_path_factory) -> tuple[Path, dict]:  # noqa: ANN001
+    """The whole demo on SAN, quick form."""
+    from semla_demo.pipeline import run
+
+    output = tmp_path_factory.mktemp("demo_san")
+    return output, run(output, seed=0, quick=True, model="san")
+
+
+def test_quick_san_demo_writes_every_output_and_its_table(quick_san) -> None:  # noqa: ANN001
+    """--model san runs every stage on SAN's configs (the base model is a SAN checkpoint whose CLIP is the
+    world's CLIP) and reports the four methods as the CAT-Seg demo does."""
+    from cat_seg.checkpoint import read_state_dict
+    from semla_demo.common import SAN_MODEL_OVERLAY, SAN_TRAIN_CONFIG
+
+    output, result = quick_san
+    for name in ("summary.txt", "summary.json", "miou.png", "examples.png", "transfer.png", "init.pth"):
+        assert (output / name).is_file(), name
+    assert str(SAN_TRAIN_CONFIG) in (output / "logs" / "base.log").read_text().splitlines()[0]
+    assert str(SAN_MODEL_OVERLAY) in (output / "logs" / "experiments-with_target.log").read_text()
+    base = read_state_dict(output / "base" / "model_final.pth")
+    assert "side_adapter_network.query_embed" in base and "ov_classifier.bg_embed" in base
+    # the CLIP stage's weights are SAN's CLIP (the positional embedding is trained with the side adapter)
+    clip = read_state_dict(output / "clip" / "open_clip_model.safetensors")
+    init = read_state_dict(output / "init.pth")
+    assert torch.equal(init["clip_visual_extractor.conv1.weight"], clip["visual.conv1.weight"])
+    assert torch.equal(base["clip_rec_head.proj"], clip["visual.proj"])  # frozen in training
+    domains = json.loads((output / "summary.json").read_text())["domains"]
+    assert len(domains) == 4
+    for d in domains:
+        assert (output / "loradb" / d / "adapter_model.safetensors").is_file()
+    for setting, methods in (("with_target", ("zeroshot", "uniform", "semla", "oracle")),
+                             ("leave_one_out", ("uniform", "semla"))):  # fmt: skip
+        for method in methods:
+            results = json.loads((output / "results" / setting / method / "results.json").read_text())
+            assert list(results) == domains
+            assert all(0.0 <= v <= 100.0 for v in results.values())
+    assert (output / "summary.txt").read_text().strip() == result["text"].strip()
+    assert result["text"].count("IoU (%) per target, ") == 2
+    _not_blank(output / "miou.png", (1100, 680))
+    _not_blank(output / "examples.png")
+
+
+def test_demo_py_with_the_san_config(quick_san, tmp_path, capsys) -> None:  # noqa: ANN001
+    """demo.py takes the demo's SAN configs and checkpoint: the model overlay alone with a vocabulary
+    (zero-shot), and the training config with its own vocabulary and the library (SemLA)."""
+    import demo
+    from semla_demo.common import SAN_MODEL_OVERLAY, SAN_TRAIN_CONFIG
+
+    output, _ = quick_san
+    image = sorted((output / "world" / "muses" / "frame_camera" / "val" / "fog" / "day").glob("*.png"))[0]
+    weights = ["--weights", str(output / "base" / "model_final.pth"), "--input", str(image)]
+    overlay = ["--config-file", str(SAN_MODEL_OVERLAY), *weights, "--classes", "road,sky,car,building"]
+    assert demo.main([*overlay, "--output", str(tmp_path / "zs")]) == 0
+    label = np.asarray(Image.open(tmp_path / "zs" / f"{image.stem}_label.png"))
+    assert label.shape == (64, 64) and set(np.unique(label)) <= {0, 1, 2, 3}
+    _not_blank(tmp_path / "zs" / f"{image.stem}_overlay.png")
+    # the overlay reads the image as the training config does (RGB), so it predicts the same
+    train = ["--config-file", str(SAN_TRAIN_CONFIG), *weights, "--classes", "road,sky,car,building"]
+    assert demo.main([*train, "--output", str(tmp_path / "zs_train")]) == 0
+    assert np.array_equal(label, np.asarray(Image.open(tmp_path / "zs_train" / f"{image.stem}_label.png")))
+    capsys.readouterr()
+    common = ["--config-file", str(SAN_TRAIN_CONFIG), *weights]
+    library = ["--lora_library_path", str(output / "loradb"), "--embedding_model", str(output / "clip")]
+    assert demo.main([*common, *library, "--output", str(tmp_path / "semla")]) == 0
+    pairs = re.findall(r"(muses-[a-z]+-[a-z]+) ([0-9.]+)", capsys.readouterr().out.split("weights:")[1])
+    assert sum(float(w) for _, w in pairs) == pytest.approx(1.0, abs=1e-3)
+    _not_blank(tmp_path / "semla" / f"{image.stem}_weights.png")
