@@ -39,6 +39,25 @@ def sem_seg_postprocess(result: Tensor, image_size: Sequence[int], height: int, 
     return F.interpolate(result, size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
+def pad_batch(images: Sequence[Tensor], size_divisibility: int) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Zero-pad (C, H, W) images at the bottom and right to one (B, C, H', W') batch, H' and W' the largest
+    sides rounded up to ``size_divisibility`` (detectron2's ``ImageList.from_tensors``).
+
+    Returns:
+        the batch and each image's (H, W).
+    """
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    height = max(s[0] for s in sizes)
+    width = max(s[1] for s in sizes)
+    if size_divisibility > 1:
+        d = size_divisibility
+        height, width = (height + d - 1) // d * d, (width + d - 1) // d * d
+    batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]] = im
+    return batch, sizes
+
+
 class CATSegPredictor(nn.Module):
     """Holds CLIP and the aggregator; turns class prompts into text features and features into logits.
 
@@ -302,16 +321,7 @@ class CATSeg(nn.Module):
 
     def _pad_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Zero-pad (3, H, W) images to a common size divisible by ``size_divisibility``."""
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        height = max(s[0] for s in sizes)
-        width = max(s[1] for s in sizes)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            height, width = (height + d - 1) // d * d, (width + d - 1) // d * d
-        batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[-2], : im.shape[-1]] = im
-        return batch, sizes
+        return pad_batch(images, self.size_divisibility)
 
     def losses(self, logits: Tensor, targets: Tensor) -> Tensor:
         """CAT-Seg's loss: per-class binary cross-entropy on one-hot targets.

@@ -237,6 +237,20 @@ def _scaled_randn(scale: float, *shape: int) -> Tensor:
     return scale * torch.randn(*shape)
 
 
+def resize_positional_embedding(pos: Tensor, side: int, grid_h: int, grid_w: int) -> Tensor:
+    """A CLIP positional embedding (CLS first, then a ``side`` x ``side`` grid) for a (grid_h, grid_w) token
+    grid: the grid part resized bicubically (``align_corners=False``), as CAT-Seg and SAN do.
+
+    Returns:
+        (1 + grid_h * grid_w, width); ``pos`` itself when the grid is unchanged.
+    """
+    if (grid_h, grid_w) == (side, side):
+        return pos
+    grid = rearrange(pos[1:], "(h w) d -> 1 d h w", h=side)
+    grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], rearrange(grid, "1 d h w -> (h w) d")], dim=0)
+
+
 class VisionTransformer(nn.Module):
     """CLIP ViT image tower.
 
@@ -272,13 +286,9 @@ class VisionTransformer(nn.Module):
         Returns:
             (1 + grid_h * grid_w, width), CLS position first.
         """
-        pos = self.positional_embedding
-        side = self.image_size // self.patch_size
-        if (grid_h, grid_w) == (side, side):
-            return pos
-        grid = rearrange(pos[1:], "(h w) d -> 1 d h w", h=side)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], rearrange(grid, "1 d h w -> (h w) d")], dim=0)
+        return resize_positional_embedding(
+            self.positional_embedding, self.image_size // self.patch_size, grid_h, grid_w
+        )
 
     def forward_intermediates(
         self, images: Tensor, *, dense: bool = True, indices: Sequence[int] = ()

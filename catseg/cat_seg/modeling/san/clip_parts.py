@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..clip import _QKV, CLIP, Attention
+from ..clip import _QKV, CLIP, Attention, resize_positional_embedding
 
 
 def _pack_qkv_hook(module: Attention, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -77,13 +77,9 @@ class FeatureExtractor(nn.Module):
 
     def resized_positional_embedding(self, grid_h: int, grid_w: int) -> Tensor:
         """(1 + grid_h * grid_w, D): the CLS position, then the grid bicubically resized (align_corners=False)."""
-        pos = self.positional_embedding
-        side = self.image_size // self.patch_size
-        if (grid_h, grid_w) == (side, side):
-            return pos
-        grid = rearrange(pos[1:], "(h w) d -> 1 d h w", h=side)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        return torch.cat([pos[:1], rearrange(grid, "1 d h w -> (h w) d")], dim=0)
+        return resize_positional_embedding(
+            self.positional_embedding, self.image_size // self.patch_size, grid_h, grid_w
+        )
 
     def forward(
         self, images: Tensor, keep: set[int] | None = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cat_seg import sem_seg_postprocess
+from ..cat_seg import pad_batch, sem_seg_postprocess
 from ..clip import CLIP, CLIPConfig
 from ..text import tokenize_class_names
 from .clip_parts import (
@@ -203,17 +203,6 @@ class SAN(nn.Module):
                 param.requires_grad_(name == "ov_classifier.bg_embed")
 
     # -- forward ----------------------------------------------------------------------------------
-    def _pad_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        height, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        if self.size_divisibility > 1:
-            d = self.size_divisibility
-            height, width = (height + d - 1) // d * d, (width + d - 1) // d * d
-        batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[-2], : im.shape[-1]] = im
-        return batch, sizes
-
     def predict_masks(self, padded: Tensor, text: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Normalised padded images -> per decoded block (B, Q, T + 1) class logits and (B, Q, h, w) masks.
 
@@ -249,7 +238,7 @@ class SAN(nn.Module):
             (x["image"].to(self.device, dtype=self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
             for x in batched_inputs
         ]
-        padded, sizes = self._pad_batch(images)
+        padded, sizes = pad_batch(images, self.size_divisibility)
         logits, masks = self.predict_masks(padded, text)
         if self.training:
             targets = [self._targets(x, padded.shape[-2:]) for x in batched_inputs]
