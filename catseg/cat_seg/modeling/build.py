@@ -217,6 +217,17 @@ def build_catseg(
     return model
 
 
+def set_config_vocabularies(model: nn.Module, cfg: Any) -> None:
+    """Give ``model`` the config's train and test vocabularies (``MODEL.SEM_SEG_HEAD.TRAIN_CLASS_JSON`` /
+    ``TEST_CLASS_JSON``, relative paths against ``catseg/``). Call it outside a device context: the tokenizer
+    builds its tensors on the default device."""
+    head = cfg.MODEL.SEM_SEG_HEAD
+    model.set_class_names(
+        train=load_class_names(_resolve(head.TRAIN_CLASS_JSON)),
+        test=load_class_names(_resolve(head.TEST_CLASS_JSON)),
+    )
+
+
 @register_model("CATSeg", architecture=model_kwargs_from_cfg)
 def build_catseg_model(cfg: Any, device: str | torch.device = "cpu", *, class_names: bool = True) -> CATSeg:
     """Build CAT-Seg from a config on ``device`` (random weights; load a checkpoint afterwards).
@@ -228,12 +239,7 @@ def build_catseg_model(cfg: Any, device: str | torch.device = "cpu", *, class_na
     with torch.device(device):
         model = build_catseg(**kwargs)
     if class_names:
-        # Tokenise outside the device context: the tokenizer builds its tensors on the default device.
-        head = cfg.MODEL.SEM_SEG_HEAD
-        model.set_class_names(
-            train=load_class_names(_resolve(head.TRAIN_CLASS_JSON)),
-            test=load_class_names(_resolve(head.TEST_CLASS_JSON)),
-        )
+        set_config_vocabularies(model, cfg)
     logger.info(
         "built CAT-Seg (%s) with %.1fM parameters on %s",
         cfg.MODEL.SEM_SEG_HEAD.CLIP_PRETRAINED,

@@ -447,18 +447,13 @@ def build_san_model(cfg: Any, device: str | torch.device = "cpu", *, class_names
 
     The builder of ``MODEL.META_ARCHITECTURE: "SAN"``; call it through ``build_model`` (same arguments).
     """
-    from ..build import _resolve
-    from ..text import load_class_names
+    from ..build import set_config_vocabularies
 
     kwargs = san_kwargs_from_cfg(cfg)
     with torch.device(device):
         model = build_san(**kwargs)
     if class_names:
-        head = cfg.MODEL.SEM_SEG_HEAD
-        model.set_class_names(
-            train=load_class_names(_resolve(head.TRAIN_CLASS_JSON)),
-            test=load_class_names(_resolve(head.TEST_CLASS_JSON)),
-        )
+        set_config_vocabularies(model, cfg)
     logger.info(
         "built SAN (%s, side %s) with %.1fM parameters on %s",
         cfg.MODEL.SAN.CLIP_MODEL_NAME,
